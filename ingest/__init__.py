@@ -1,0 +1,1 @@
+"""The ingestion worker: loaders, chunking, the pipeline and the job loop."""

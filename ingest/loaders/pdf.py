@@ -1,0 +1,267 @@
+"""PDF: one section per page with text, read by pypdfium2 or pypdf.
+
+pypdfium2 (Google's PDFium) is the default: it is an order of magnitude
+faster and puts spaces between words where pypdf, on TeX output, often glues
+them together.  pypdf is the pure-Python alternative, chosen with
+``ingest.pdf_engine``.  Both engines are imported lazily, so the one not in
+use costs nothing.
+
+Both report the same errors: a password-protected file is
+``EncryptedDocument``, a damaged one ``CorruptDocument``, a scan without a
+text layer ``EmptyDocument``; the page limit is checked before any text is
+extracted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ingest.loaders.base import LoadedDocument, build_sections
+from rag_service.config import IngestSettings
+from rag_service.errors import (
+    CorruptDocument,
+    DocumentTooLarge,
+    EmptyDocument,
+    EncryptedDocument,
+)
+
+logger = logging.getLogger(__name__)
+
+PDF_CONTENT_TYPE = "application/pdf"
+
+# PDFium is not thread-safe, not even across different documents: every
+# call into it must be serialised process-wide.  Ingestion workers may be
+# threads, hence one lock for the whole module.
+_PDFIUM_LOCK = threading.Lock()
+
+# pypdf reports damaged files through many exception types besides its own;
+# these are the ones its parser is known to let escape on malformed input.
+_PYPDF_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    AssertionError,
+    RecursionError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+)
+
+# Control characters carry no text.  PDFium marks a word hyphenated across
+# a line break with U+FFFE and has already joined the two halves, so the
+# mark is simply dropped ("distri\ufffebution" -> "distribution").
+_DROPPED_CHARS = dict.fromkeys(
+    [c for c in range(32) if chr(c) not in "\t\n\r\f"] + [0x7F, 0xFFFE, 0xFFFF],
+    None,
+)
+
+
+def normalise_page_text(text: str) -> str:
+    """Tidy extracted page text: no NULs, ``\\n`` line ends, single spaces.
+
+    Blank lines between paragraphs are kept (at most one), because the
+    chunker splits on them.
+    """
+    text = text.translate(_DROPPED_CHARS)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n")
+    lines = [" ".join(line.split()) for line in text.split("\n")]
+    out: list[str] = []
+    for line in lines:
+        if line or (out and out[-1]):
+            out.append(line)
+    return "\n".join(out).strip("\n")
+
+
+@dataclass(frozen=True)
+class _PdfText:
+    """What an engine read: the page count, text per page, title, author."""
+
+    pages: int
+    page_texts: tuple[str, ...]
+    title: str | None
+    author: str | None
+    unreadable_pages: tuple[int, ...]
+
+
+class _Budget:
+    """Counts extracted characters so an oversized PDF fails early."""
+
+    def __init__(self, name: str, max_chars: int) -> None:
+        self._name = name
+        self._max_chars = max_chars
+        self._used = 0
+
+    def spend(self, text: str) -> None:
+        self._used += len(text)
+        if self._used > self._max_chars:
+            raise DocumentTooLarge(
+                f"{self._name} has more than {self._max_chars:,} characters of text"
+            )
+
+
+def _check_pages(name: str, pages: int, settings: IngestSettings) -> None:
+    if pages > settings.max_pages:
+        raise DocumentTooLarge(f"{name} has {pages:,} pages; the limit is {settings.max_pages:,}")
+
+
+def _encrypted(name: str) -> EncryptedDocument:
+    return EncryptedDocument(
+        f"{name} is password-protected; remove the password and upload it again"
+    )
+
+
+def _collect(
+    name: str,
+    pages: int,
+    read_page: Callable[[int], str],
+    budget: _Budget,
+    failures: tuple[type[Exception], ...],
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Text of every page (``""`` if unreadable) and the numbers of unreadable pages.
+
+    One bad page should not cost the rest of the document, so a page the
+    engine fails on is logged and skipped.
+    """
+    texts: list[str] = []
+    unreadable: list[int] = []
+    for index in range(pages):
+        try:
+            text = normalise_page_text(read_page(index))
+        except failures as exc:
+            logger.warning("pdf page unreadable name=%s page=%d error=%s", name, index + 1, exc)
+            unreadable.append(index + 1)
+            text = ""
+        budget.spend(text)
+        texts.append(text)
+    return tuple(texts), tuple(unreadable)
+
+
+def _clean_meta(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    value = " ".join(value.replace("\x00", "").split())
+    return value or None
+
+
+def _read_with_pdfium(data: bytes, name: str, settings: IngestSettings) -> _PdfText:
+    import pypdfium2
+    import pypdfium2.raw as pdfium_c
+
+    with _PDFIUM_LOCK:
+        try:
+            pdf = pypdfium2.PdfDocument(data)
+        except pypdfium2.PdfiumError as exc:
+            if exc.err_code in (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY):
+                raise _encrypted(name) from exc
+            if exc.err_code == pdfium_c.FPDF_ERR_SUCCESS:
+                # PDFium opened the file but found no page in it.
+                raise EmptyDocument(f"{name} is a PDF without pages") from exc
+            raise CorruptDocument(f"{name} is damaged and cannot be read as a PDF") from exc
+        try:
+            pages = len(pdf)
+            _check_pages(name, pages, settings)
+
+            def read_page(index: int) -> str:
+                page = pdf[index]
+                try:
+                    textpage = page.get_textpage()
+                    try:
+                        return str(textpage.get_text_range())
+                    finally:
+                        textpage.close()
+                finally:
+                    page.close()
+
+            budget = _Budget(name, settings.max_chars)
+            texts, unreadable = _collect(name, pages, read_page, budget, (pypdfium2.PdfiumError,))
+            return _PdfText(
+                pages=pages,
+                page_texts=texts,
+                title=_clean_meta(pdf.get_metadata_value("Title")),
+                author=_clean_meta(pdf.get_metadata_value("Author")),
+                unreadable_pages=unreadable,
+            )
+        finally:
+            pdf.close()
+
+
+def _read_with_pypdf(data: bytes, name: str, settings: IngestSettings) -> _PdfText:
+    from pypdf import PasswordType, PdfReader
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+
+    failures: tuple[type[Exception], ...] = (PyPdfError, *_PYPDF_PARSE_ERRORS)
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        # Many PDFs are encrypted with an empty user password (an owner
+        # password only restricts printing or copying); they open as is.
+        if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
+            raise _encrypted(name)
+        pages = len(reader.pages)
+    except (FileNotDecryptedError, DependencyError) as exc:
+        # DependencyError: AES encryption needs the `cryptography` package.
+        raise EncryptedDocument(
+            f"{name} is encrypted in a way this server cannot open; "
+            "remove the password or encryption and upload it again"
+        ) from exc
+    except failures as exc:
+        raise CorruptDocument(f"{name} is damaged and cannot be read as a PDF") from exc
+    if pages == 0:
+        raise EmptyDocument(f"{name} is a PDF without pages")
+    _check_pages(name, pages, settings)
+
+    def read_page(index: int) -> str:
+        return reader.pages[index].extract_text()
+
+    budget = _Budget(name, settings.max_chars)
+    texts, unreadable = _collect(name, pages, read_page, budget, failures)
+    try:
+        metadata = reader.metadata
+        title = _clean_meta(metadata.title) if metadata is not None else None
+        author = _clean_meta(metadata.author) if metadata is not None else None
+    except failures:
+        title = author = None
+    return _PdfText(pages, texts, title, author, unreadable)
+
+
+def load_pdf(
+    data: bytes,
+    name: str,
+    settings: IngestSettings,
+    content_type: str | None = None,
+) -> LoadedDocument:
+    """Load a PDF as one section per page that has text, pages numbered from 1."""
+    match settings.pdf_engine:
+        case "pypdfium2":
+            read = _read_with_pdfium(data, name, settings)
+        case "pypdf":
+            read = _read_with_pypdf(data, name, settings)
+    if read.unreadable_pages and len(read.unreadable_pages) == read.pages:
+        raise CorruptDocument(f"{name} is damaged: none of its {read.pages} pages can be read")
+    sections = build_sections(
+        [(text, number, ()) for number, text in enumerate(read.page_texts, start=1)]
+    )
+    if not sections:
+        raise EmptyDocument(
+            f"{name} has {read.pages} page(s) but no text layer (probably a scan); "
+            "OCR is not supported"
+        )
+    metadata: dict[str, str] = {"pdf_engine": settings.pdf_engine}
+    if read.author:
+        metadata["author"] = read.author
+    if read.unreadable_pages:
+        metadata["unreadable_pages"] = ",".join(str(n) for n in read.unreadable_pages)
+    return LoadedDocument(
+        sections=sections,
+        content_type=PDF_CONTENT_TYPE,
+        pages=read.pages,
+        title=read.title,
+        metadata=metadata,
+    )

@@ -1,0 +1,103 @@
+"""Ingest one document: load, chunk, embed, commit."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ingest.chunking import Chunker
+from ingest.loaders import load_document
+from rag_service.config import IngestSettings
+from rag_service.embedding import Embedder
+from rag_service.storage.blobs import BlobStore
+from rag_service.storage.catalog import Catalog
+from rag_service.storage.records import Document, NewChunk
+
+log = logging.getLogger(__name__)
+
+#: ``report(stage, chunks_done, chunks_total)``; also renews the job's lease.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingesting one document produced."""
+
+    document_id: str
+    chunks: int
+    pages: int | None
+    committed: bool
+    seconds: float
+
+
+class IngestPipeline:
+    """The stages one document goes through; shared by every worker."""
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        blobs: BlobStore,
+        embedder: Embedder,
+        chunker: Chunker,
+        settings: IngestSettings,
+    ) -> None:
+        self.catalog = catalog
+        self.blobs = blobs
+        self.embedder = embedder
+        self.chunker = chunker
+        self.settings = settings
+
+    def process(self, document: Document, report: ProgressFn) -> IngestResult:
+        """Index ``document``; raises a ``DocumentError`` for bad input."""
+        started = time.perf_counter()
+        report("parsing", 0, 0)
+        data = self.blobs.read(document.sha256)
+        loaded = load_document(data, document.source, self.settings, document.content_type)
+        del data
+        report("chunking", 0, 0)
+        chunks = self.chunker.chunk(loaded)
+        total = len(chunks)
+        report("embedding", 0, total)
+        step = max(1, self.embedder.batch_size * 4)
+        parts = []
+        for start in range(0, total, step):
+            parts.append(self.embedder.embed([c.text for c in chunks[start : start + step]]))
+            report("embedding", min(total, start + step), total)
+        vectors = np.vstack(parts) if parts else np.empty((0, self.embedder.dim), np.float32)
+        report("indexing", total, total)
+        freed = self.catalog.commit_document(
+            document.id,
+            [
+                NewChunk(
+                    ordinal=c.ordinal,
+                    text=c.text,
+                    page=c.page,
+                    headings=c.headings,
+                    start_char=c.start_char,
+                    end_char=c.end_char,
+                    token_count=c.token_count,
+                    vector=vectors[i],
+                )
+                for i, c in enumerate(chunks)
+            ],
+            pages=loaded.pages,
+            content_type=loaded.content_type,
+            title=loaded.title,
+        )
+        if freed:
+            self.blobs.delete(freed)
+        seconds = time.perf_counter() - started
+        log.info(
+            "document indexed id=%s source=%s chunks=%d pages=%s seconds=%.2f",
+            document.id,
+            document.source,
+            total,
+            loaded.pages,
+            seconds,
+        )
+        return IngestResult(document.id, total, loaded.pages, freed is not None, seconds)

@@ -1,0 +1,162 @@
+"""Collections and their documents."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+
+from rag_service.api.deps import DocumentsDep
+from rag_service.api.schemas import (
+    CollectionList,
+    CollectionOut,
+    DocumentList,
+    DocumentOut,
+    ErrorResponse,
+    TextUploadIn,
+    UploadResponse,
+)
+from rag_service.api.uploads import receive_files
+from rag_service.errors import DocumentTooLarge, InvalidRequest
+from rag_service.services.documents import PendingUpload
+from rag_service.services.validation import collection_name
+
+router = APIRouter(prefix="/v1/collections", tags=["documents"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503)
+}
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        },
+                        "metadata": {
+                            "type": "string",
+                            "description": "JSON object attached to every file.",
+                        },
+                    },
+                    "required": ["files"],
+                }
+            },
+            "application/json": {"schema": TextUploadIn.model_json_schema()},
+        },
+    }
+}
+
+
+async def _json_uploads(request: Request, documents: DocumentsDep) -> list[PendingUpload]:
+    limit = documents.settings.max_file_bytes * documents.settings.max_files_per_request
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise DocumentTooLarge(f"JSON body is over the {limit} byte limit")
+    try:
+        payload = TextUploadIn.model_validate(json.loads(body))
+    except ValueError as exc:  # json and pydantic errors alike
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise InvalidRequest(f"invalid JSON body: {detail}") from exc
+    uploads: list[PendingUpload] = []
+    try:
+        for item in payload.documents:
+            upload = documents.start_upload(
+                item.source, content_type="text/plain", metadata=item.metadata
+            )
+            uploads.append(upload)
+            upload.writer.write(item.text.encode("utf-8"))
+    except BaseException:
+        documents.abort(uploads)
+        raise
+    return uploads
+
+
+@router.post(
+    "/{collection}/documents",
+    status_code=202,
+    response_model=UploadResponse,
+    responses=ERRORS,
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload_documents(
+    collection: str, request: Request, documents: DocumentsDep
+) -> UploadResponse:
+    """Upload files (multipart `files` parts) or texts (JSON) into a collection.
+
+    Answers `202` at once with the job that ingests them and one document per
+    file; follow the job at `GET /v1/jobs/{job_id}`.  The collection is
+    created on first upload.  The same bytes uploaded again map to the same
+    document; a file with the same name replaces the older version once it is
+    indexed.
+    """
+    collection_name(collection)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        uploads = await _json_uploads(request, documents)
+    else:
+        uploads = await receive_files(request, documents)
+    try:
+        receipt = await run_in_threadpool(documents.register, collection, uploads)
+    except BaseException:
+        documents.abort(uploads)
+        raise
+    return UploadResponse(
+        job_id=receipt.job_id, documents=[DocumentOut.of(d) for d in receipt.documents]
+    )
+
+
+@router.get("", response_model=CollectionList)
+def list_collections(documents: DocumentsDep) -> CollectionList:
+    """Every collection with its document and chunk counts."""
+    return CollectionList(collections=[CollectionOut.of(c) for c in documents.list_collections()])
+
+
+@router.get("/{collection}", response_model=CollectionOut, responses=ERRORS)
+def get_collection(collection: str, documents: DocumentsDep) -> CollectionOut:
+    """One collection."""
+    return CollectionOut.of(documents.get_collection(collection))
+
+
+@router.delete("/{collection}", status_code=204, responses=ERRORS)
+def delete_collection(collection: str, documents: DocumentsDep) -> Response:
+    """Remove a collection with all its documents, chunks and vectors."""
+    documents.delete_collection(collection)
+    return Response(status_code=204)
+
+
+@router.get("/{collection}/documents", response_model=DocumentList, responses=ERRORS)
+def list_documents(
+    collection: str,
+    documents: DocumentsDep,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> DocumentList:
+    """A page of a collection's documents, oldest first."""
+    docs, total = documents.list_documents(collection, limit=limit, offset=offset)
+    return DocumentList(
+        documents=[DocumentOut.of(d) for d in docs], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{collection}/documents/{document_id}", response_model=DocumentOut, responses=ERRORS)
+def get_document(collection: str, document_id: str, documents: DocumentsDep) -> DocumentOut:
+    """One document: its status, pages, chunk count and error if it failed."""
+    return DocumentOut.of(documents.get_document(collection, document_id))
+
+
+@router.delete("/{collection}/documents/{document_id}", status_code=204, responses=ERRORS)
+def delete_document(collection: str, document_id: str, documents: DocumentsDep) -> Response:
+    """Remove a document; its chunks never appear in results again."""
+    documents.delete_document(collection, document_id)
+    return Response(status_code=204)

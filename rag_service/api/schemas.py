@@ -1,0 +1,239 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rag_service.llm.base import Usage as UsageValue
+from rag_service.services.query import Answer, Retrieval
+from rag_service.services.query import Source as SourceValue
+from rag_service.storage.records import Collection, Document, Job
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable error code, e.g. `collection_not_found`.")
+    message: str = Field(description="What went wrong and what to do about it.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class DocumentOut(BaseModel):
+    id: str
+    collection: str
+    source: str = Field(description="The uploaded file name.")
+    sha256: str
+    size: int
+    content_type: str | None
+    status: str = Field(description="queued | processing | indexed | failed")
+    pages: int | None
+    chunk_count: int
+    error: str | None
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def of(cls, doc: Document) -> DocumentOut:
+        return cls(**{name: getattr(doc, name) for name in cls.model_fields})
+
+
+class UploadResponse(BaseModel):
+    job_id: str
+    documents: list[DocumentOut]
+
+
+class TextDocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, description="The document's text.")
+    source: str = Field("text.txt", min_length=1, description="Name it is listed under.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TextUploadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[TextDocumentIn] = Field(min_length=1)
+
+
+class ProgressOut(BaseModel):
+    documents_total: int
+    documents_done: int
+    documents_failed: int
+    chunks_total: int
+    chunks_done: int
+
+
+class JobOut(BaseModel):
+    id: str
+    collection: str
+    status: str = Field(description="queued | running | succeeded | failed")
+    stage: str | None = Field(
+        description="queued | parsing | chunking | embedding | indexing | done"
+    )
+    progress: ProgressOut
+    error: str | None = Field(description="Why the job (or some of its documents) failed.")
+    attempts: int
+    document_ids: list[str]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        p = job.progress
+        return cls(
+            id=job.id,
+            collection=job.collection,
+            status=job.status,
+            stage=job.stage,
+            progress=ProgressOut(
+                documents_total=p.documents_total,
+                documents_done=p.documents_done,
+                documents_failed=p.documents_failed,
+                chunks_total=p.chunks_total,
+                chunks_done=p.chunks_done,
+            ),
+            error=job.error,
+            attempts=job.attempts,
+            document_ids=list(job.document_ids),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class CollectionOut(BaseModel):
+    name: str
+    embed_model: str
+    dim: int
+    document_count: int
+    chunk_count: int
+    created_at: float
+
+    @classmethod
+    def of(cls, c: Collection) -> CollectionOut:
+        return cls(
+            name=c.name,
+            embed_model=c.embed_model,
+            dim=c.dim,
+            document_count=c.document_count,
+            chunk_count=c.chunk_count,
+            created_at=c.created_at,
+        )
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionOut]
+
+
+class DocumentList(BaseModel):
+    documents: list[DocumentOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class RetrieveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    collection: str = Field(description="Collection to search.")
+    query: str = Field(description="What to look for.")
+    top_k: int | None = Field(None, description="How many chunks to return (default 5).")
+
+
+class QueryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    collection: str = Field(description="Collection to answer from.")
+    question: str = Field(description="The question.")
+    top_k: int | None = Field(None, description="How many chunks to give the model (default 5).")
+
+
+class SourceOut(BaseModel):
+    n: int = Field(description="The number the answer cites it by, `[n]`.")
+    chunk_id: int
+    document_id: str
+    source: str = Field(description="The uploaded file name.")
+    page: int | None = Field(description="1-based page for PDFs, null otherwise.")
+    headings: list[str]
+    start_char: int = Field(description="Offset of the chunk in the document's extracted text.")
+    end_char: int
+    text: str
+    score: float = Field(description="Cosine similarity to the question.")
+
+    @classmethod
+    def of(cls, s: SourceValue) -> SourceOut:
+        return cls(
+            n=s.n,
+            chunk_id=s.chunk_id,
+            document_id=s.document_id,
+            source=s.source,
+            page=s.page,
+            headings=list(s.headings),
+            start_char=s.start_char,
+            end_char=s.end_char,
+            text=s.text,
+            score=s.score,
+        )
+
+
+class RetrieveOut(BaseModel):
+    results: list[SourceOut]
+    timings: dict[str, float]
+
+    @classmethod
+    def of(cls, r: Retrieval) -> RetrieveOut:
+        return cls(results=[SourceOut.of(s) for s in r.results], timings=r.timings)
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, u: UsageValue) -> UsageOut:
+        return cls(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.total_tokens,
+        )
+
+
+class QueryOut(BaseModel):
+    answer: str
+    sources: list[SourceOut] = Field(description="Every source the model was given.")
+    citations: list[int] = Field(description="Source numbers the answer cites, in order.")
+    invalid_citations: int = Field(description="Citations to sources never given, removed.")
+    usage: UsageOut
+    timings: dict[str, float] = Field(description="Milliseconds: embed, search, generate, total.")
+    model: str
+    degraded: bool = Field(description="True when the model failed and only sources are returned.")
+    degraded_reason: str | None
+
+    @classmethod
+    def of(cls, a: Answer) -> QueryOut:
+        return cls(
+            answer=a.answer,
+            sources=[SourceOut.of(s) for s in a.sources],
+            citations=a.citations,
+            invalid_citations=len(a.invalid_citations),
+            usage=UsageOut.of(a.usage),
+            timings=a.timings,
+            model=a.model,
+            degraded=a.degraded,
+            degraded_reason=a.degraded_reason,
+        )
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready | loading")
+    embedder: str
+    index: str
+    model: str
+    workers: int

@@ -1,0 +1,203 @@
+"""The ``rag`` command: serve, worker, ingest, ask, config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rag_service.config import Settings
+from rag_service.errors import RagError
+from rag_service.runtime import Runtime
+from rag_service.storage.records import Job
+
+app = typer.Typer(
+    help="Retrieval-augmented generation service: upload documents, ask cited questions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return Settings()
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    # Model loading chatter is noise at the terminal.
+    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: RagError) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface (default RAG_SERVER__HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default RAG_SERVER__PORT).")] = None,
+) -> None:
+    """Run the HTTP service with in-process ingestion workers."""
+    import uvicorn
+
+    from rag_service.api import create_app
+
+    settings = _settings()
+    _logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.server.host,
+        port=port or settings.server.port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@app.command()
+def worker(
+    threads: Annotated[int, typer.Option(min=1, help="Worker threads in this process.")] = 1,
+) -> None:
+    """Run ingestion workers against the data directory until stopped."""
+    settings = _settings()
+    _logging(settings.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with Runtime.open(settings) as runtime:
+            runtime.start_workers(threads)
+            stop.wait()
+    except RagError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders to ingest.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="Target collection.")],
+    wait: Annotated[bool, typer.Option(help="Ingest now and wait, with a progress bar.")] = True,
+) -> None:
+    """Add files (folders are walked) to a collection."""
+    settings = _settings()
+    _logging("WARNING")
+    try:
+        with Runtime.open(settings) as runtime:
+            files = runtime.documents.expand_paths(paths)
+            receipt = runtime.documents.add_paths(collection, files)
+            out.print(f"job {receipt.job_id}: {len(receipt.documents)} document(s) accepted")
+            if not wait:
+                return
+            job = _run_with_progress(runtime, receipt.job_id)
+            for doc in receipt.documents:
+                current = runtime.catalog.document_by_id(doc.id)
+                status = current.status if current else "deleted"
+                note = f" ({current.error})" if current and current.error else ""
+                chunks = current.chunk_count if current else 0
+                out.print(f"  {status:<9} {doc.source}  {chunks} chunks{note}", highlight=False)
+            if job.status == "failed":
+                raise typer.Exit(code=1)
+    except RagError as exc:
+        raise _fail(exc) from exc
+
+
+def _run_with_progress(runtime: Runtime, job_id: str) -> Job:
+    """Work the queue in this process while drawing the job's progress.
+
+    Another process (``rag serve``, ``rag worker``) may take the job instead;
+    the bar follows the job wherever it runs.
+    """
+    worker_ = runtime.make_worker(sync_index=False)
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            if not worker_.run_once():
+                stop.wait(0.5)
+
+    thread = threading.Thread(target=drain, name="ingest-cli", daemon=True)
+    thread.start()
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("chunks"),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=out) as bar:
+            task = bar.add_task("queued", total=None)
+            while True:
+                job = runtime.jobs.get(job_id)
+                p = job.progress
+                bar.update(
+                    task,
+                    description=job.stage or job.status,
+                    completed=p.chunks_done,
+                    total=p.chunks_total or None,
+                )
+                if job.status in ("succeeded", "failed"):
+                    return job
+                stop.wait(0.2)
+    finally:
+        stop.set()
+        thread.join()
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="Collection to ask.")],
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="Sources to use.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full response.")] = False,
+) -> None:
+    """Answer a question from a collection, then list the numbered sources."""
+    settings = _settings()
+    _logging("WARNING")
+    try:
+        with Runtime.open(settings) as runtime:
+            answer = runtime.query.ask(collection, question, top_k)
+    except RagError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        from rag_service.api.schemas import QueryOut
+
+        out.print_json(QueryOut.of(answer).model_dump_json())
+        return
+    out.print(answer.answer, highlight=False, markup=False)
+    if answer.degraded:
+        err.print(f"[yellow]degraded:[/yellow] {answer.degraded_reason}", highlight=False)
+    if answer.sources:
+        out.print("\nSources:")
+    for source in answer.sources:
+        mark = "*" if source.n in answer.citations else " "
+        page = f", page {source.page}" if source.page is not None else ""
+        out.print(
+            f"{mark}[{source.n}] {source.source}{page}  (score {source.score:.3f})",
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (secrets masked)."""
+    out.print_json(json.dumps(_settings().masked(), default=str))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

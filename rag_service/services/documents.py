@@ -1,0 +1,238 @@
+"""Accept, list and remove documents; read jobs.
+
+Accepting a document means: its bytes are durable in the blob store, and its
+document row and job row are committed in one transaction.  The work itself
+is done later by an ingestion worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rag_service.config import IngestSettings
+from rag_service.errors import InvalidRequest, RagError
+from rag_service.services.validation import collection_name, source_name
+from rag_service.storage.blobs import BlobStore, BlobWriter
+from rag_service.storage.catalog import Catalog, IncomingFile
+from rag_service.storage.jobs import JobQueue
+from rag_service.storage.records import Collection, Document, Job
+from rag_service.storage.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+#: File name endings ``add_paths`` picks up when given a folder.
+INGESTIBLE_SUFFIXES = frozenset(
+    {".pdf", ".txt", ".text", ".md", ".markdown", ".html", ".htm", ".rst"}
+)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What an accepted upload returns at once."""
+
+    job_id: str
+    documents: list[Document]
+
+
+@dataclass
+class PendingUpload:
+    """A file being streamed into the blob store, before it is registered."""
+
+    source: str
+    writer: BlobWriter
+    content_type: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class DocumentService:
+    """Documents, collections and jobs of one catalog."""
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        blobs: BlobStore,
+        vectors: VectorStore | None,
+        jobs: JobQueue,
+        settings: IngestSettings,
+        embed_model: str,
+        embed_dim: int,
+        on_enqueued: Callable[[], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.blobs = blobs
+        self.vectors = vectors
+        self.jobs = jobs
+        self.settings = settings
+        self.embed_model = embed_model
+        self.embed_dim = embed_dim
+        self.on_enqueued = on_enqueued
+
+    # -- accepting -----------------------------------------------------------
+
+    def start_upload(
+        self,
+        filename: str | None,
+        *,
+        content_type: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> PendingUpload:
+        """Open a streaming upload; write to ``.writer``, then ``register`` it."""
+        source = source_name(filename)
+        return PendingUpload(
+            source=source,
+            writer=self.blobs.writer(self.settings.max_file_bytes, source),
+            content_type=content_type,
+            metadata=dict(metadata or {}),
+        )
+
+    def register(self, collection: str, uploads: Sequence[PendingUpload]) -> Receipt:
+        """Make streamed uploads durable and queue them for ingestion."""
+        collection_name(collection)
+        if not uploads:
+            raise InvalidRequest("no files in the upload: send one or more 'files' parts")
+        if len(uploads) > self.settings.max_files_per_request:
+            raise InvalidRequest(
+                f"{len(uploads)} files in one upload; the limit is "
+                f"{self.settings.max_files_per_request} (RAG_INGEST__MAX_FILES_PER_REQUEST)"
+            )
+        incoming = []
+        for upload in uploads:
+            sha, size = upload.writer.commit()
+            incoming.append(
+                IncomingFile(upload.source, sha, size, upload.content_type, upload.metadata)
+            )
+        job_id, documents = self.catalog.register_upload(
+            collection, self.embed_model, self.embed_dim, incoming
+        )
+        log.info("upload accepted collection=%s job=%s files=%d", collection, job_id, len(uploads))
+        if self.on_enqueued is not None:
+            self.on_enqueued()
+        return Receipt(job_id, documents)
+
+    def abort(self, uploads: Iterable[PendingUpload]) -> None:
+        """Throw away uploads that will not be registered."""
+        for upload in uploads:
+            upload.writer.abort()
+
+    def add_bytes(
+        self,
+        collection: str,
+        files: Sequence[tuple[str, bytes]],
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> Receipt:
+        """Accept in-memory files ``(name, data)``."""
+        collection_name(collection)
+        uploads: list[PendingUpload] = []
+        try:
+            for name, data in files:
+                upload = self.start_upload(name, metadata=metadata)
+                uploads.append(upload)
+                upload.writer.write(data)
+            return self.register(collection, uploads)
+        except BaseException:
+            self.abort(uploads)
+            raise
+
+    def add_text(
+        self,
+        collection: str,
+        text: str,
+        *,
+        source: str = "text.txt",
+        metadata: dict[str, Any] | None = None,
+    ) -> Receipt:
+        """Accept a text given inline."""
+        if Path(source).suffix.lower() not in INGESTIBLE_SUFFIXES:
+            source += ".txt"
+        return self.add_bytes(collection, [(source, text.encode("utf-8"))], metadata=metadata)
+
+    def expand_paths(self, paths: Iterable[Path]) -> list[Path]:
+        """Files named directly, plus every ingestible file under named folders."""
+        found: list[Path] = []
+        for path in paths:
+            if path.is_dir():
+                found.extend(
+                    p
+                    for p in sorted(path.rglob("*"))
+                    if p.is_file() and p.suffix.lower() in INGESTIBLE_SUFFIXES
+                )
+            elif path.is_file():
+                found.append(path)
+            else:
+                raise InvalidRequest(f"no such file or folder: {path}")
+        return found
+
+    def add_paths(
+        self,
+        collection: str,
+        paths: Sequence[Path],
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> Receipt:
+        """Accept files from disk; folders are walked for ingestible files."""
+        collection_name(collection)
+        files = self.expand_paths(paths)
+        if not files:
+            raise InvalidRequest("no ingestible files found (pdf, txt, md, html)")
+        uploads: list[PendingUpload] = []
+        try:
+            for path in files:
+                upload = self.start_upload(
+                    path.name,
+                    content_type=mimetypes.guess_type(path.name)[0],
+                    metadata={**(metadata or {}), "path": str(path)},
+                )
+                uploads.append(upload)
+                with open(path, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        upload.writer.write(block)
+            return self.register(collection, uploads)
+        except BaseException:
+            self.abort(uploads)
+            raise
+
+    # -- reading and removing ------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job:
+        return self.jobs.get(job_id)
+
+    def list_collections(self) -> list[Collection]:
+        return self.catalog.list_collections()
+
+    def get_collection(self, name: str) -> Collection:
+        return self.catalog.get_collection(collection_name(name))
+
+    def list_documents(
+        self, collection: str, *, limit: int = 100, offset: int = 0
+    ) -> tuple[list[Document], int]:
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise InvalidRequest("limit must be 1-1000 and offset 0 or more")
+        return self.catalog.list_documents(collection_name(collection), limit=limit, offset=offset)
+
+    def get_document(self, collection: str, document_id: str) -> Document:
+        return self.catalog.get_document(collection_name(collection), document_id)
+
+    def delete_document(self, collection: str, document_id: str) -> None:
+        """Remove a document: its chunks, vectors, keyword rows and blob."""
+        freed = self.catalog.delete_document(collection_name(collection), document_id)
+        if freed:
+            self.blobs.delete([freed])
+        if self.vectors is not None:
+            try:
+                self.vectors.sync(collection)
+            except RagError:
+                log.exception("index catch-up after delete failed collection=%s", collection)
+
+    def delete_collection(self, collection: str) -> None:
+        """Remove a collection with everything in it."""
+        freed = self.catalog.delete_collection(collection_name(collection))
+        self.blobs.delete(freed)
+        if self.vectors is not None:
+            self.vectors.drop(collection)

@@ -1,0 +1,232 @@
+"""Retrieve chunks and answer questions from them, with checked citations."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rag_service.config import QuerySettings
+from rag_service.embedding import Embedder
+from rag_service.errors import EmbeddingMismatch, InvalidRequest, ModelBusy, ModelError
+from rag_service.llm.base import ChatModel, Usage
+from rag_service.prompting import (
+    NO_ANSWER,
+    ContextSource,
+    build_messages,
+    extract_citations,
+    pack_context,
+    strip_invalid_citations,
+)
+from rag_service.services.validation import bounded_int, collection_name
+from rag_service.storage.catalog import Catalog
+from rag_service.storage.records import StoredChunk
+from rag_service.storage.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A retrieved chunk as callers see it."""
+
+    n: int
+    chunk_id: int
+    document_id: str
+    source: str
+    page: int | None
+    headings: tuple[str, ...]
+    start_char: int
+    end_char: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Ranked chunks and what finding them cost."""
+
+    results: list[Source]
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A model's answer with the sources it was given and the ones it cited."""
+
+    answer: str
+    sources: list[Source]
+    citations: list[int]
+    invalid_citations: list[int]
+    usage: Usage
+    timings: dict[str, float]
+    model: str
+    degraded: bool = False
+    degraded_reason: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 2)
+
+
+class QueryService:
+    """Retrieval and answering over one catalog's collections."""
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        vectors: VectorStore,
+        embedder: Embedder,
+        chat_model: Callable[[], ChatModel],
+        settings: QuerySettings,
+        max_answer_tokens: int,
+        temperature: float,
+    ) -> None:
+        self.catalog = catalog
+        self.vectors = vectors
+        self.embedder = embedder
+        self._chat_model = chat_model
+        self.settings = settings
+        self.max_answer_tokens = max_answer_tokens
+        self.temperature = temperature
+
+    # -- checks --------------------------------------------------------------
+
+    def _check(self, collection: str, text: str, top_k: int | None, what: str) -> int:
+        collection_name(collection)
+        if not text.strip():
+            raise InvalidRequest(f"{what} is empty")
+        if len(text) > self.settings.max_question_chars:
+            raise InvalidRequest(
+                f"{what} is {len(text)} characters; the limit is "
+                f"{self.settings.max_question_chars} (RAG_QUERY__MAX_QUESTION_CHARS)"
+            )
+        k = self.settings.default_top_k if top_k is None else top_k
+        bounded_int(
+            k, name="top_k", low=1, high=self.settings.max_top_k, setting="RAG_QUERY__MAX_TOP_K"
+        )
+        coll = self.catalog.get_collection(collection)
+        if coll.embed_model != self.embedder.model_id or coll.dim != self.embedder.dim:
+            raise EmbeddingMismatch(
+                f"collection {collection!r} was embedded with {coll.embed_model} but the "
+                f"service runs {self.embedder.model_id}"
+            )
+        return k
+
+    # -- retrieval -----------------------------------------------------------
+
+    def _ranked(
+        self, collection: str, query: str, k: int, timings: dict[str, float]
+    ) -> list[tuple[StoredChunk, float]]:
+        start = time.perf_counter()
+        vector = self.embedder.embed_query(query)
+        timings["embed_ms"] = _ms(start)
+        start = time.perf_counter()
+        # Ask for more than k: a chunk deleted between search and fetch is skipped.
+        hits = self.vectors.search(collection, vector, k + 8)
+        chunks = self.catalog.get_chunks([chunk_id for chunk_id, _ in hits])
+        ranked = [(chunks[cid], score) for cid, score in hits if cid in chunks][:k]
+        timings["search_ms"] = _ms(start)
+        return ranked
+
+    @staticmethod
+    def _source(n: int, chunk: StoredChunk, score: float, text: str | None = None) -> Source:
+        return Source(
+            n=n,
+            chunk_id=chunk.id,
+            document_id=chunk.document_id,
+            source=chunk.source,
+            page=chunk.page,
+            headings=chunk.headings,
+            start_char=chunk.start_char,
+            end_char=chunk.end_char,
+            text=chunk.text if text is None else text,
+            score=round(score, 6),
+        )
+
+    def retrieve(self, collection: str, query: str, top_k: int | None = None) -> Retrieval:
+        """The ``top_k`` chunks nearest to ``query``, best first; no model call."""
+        started = time.perf_counter()
+        k = self._check(collection, query, top_k, "query")
+        timings: dict[str, float] = {}
+        ranked = self._ranked(collection, query, k, timings)
+        timings["total_ms"] = _ms(started)
+        return Retrieval([self._source(i + 1, c, s) for i, (c, s) in enumerate(ranked)], timings)
+
+    # -- answering -----------------------------------------------------------
+
+    def ask(self, collection: str, question: str, top_k: int | None = None) -> Answer:
+        """Answer ``question`` from the collection's best chunks, citing them."""
+        started = time.perf_counter()
+        k = self._check(collection, question, top_k, "question")
+        timings: dict[str, float] = {}
+        ranked = self._ranked(collection, question, k, timings)
+        if not ranked:
+            timings["generate_ms"] = 0.0
+            timings["total_ms"] = _ms(started)
+            return Answer(
+                answer=f"{NO_ANSWER} The collection {collection!r} has no indexed documents.",
+                sources=[],
+                citations=[],
+                invalid_citations=[],
+                usage=Usage(),
+                timings=timings,
+                model="",
+            )
+        model = self._chat_model()
+        budget = min(
+            self.settings.context_tokens,
+            model.context_window - self.max_answer_tokens - 200,  # room for the instructions
+        )
+        packed = pack_context(
+            ranked, budget_tokens=max(64, budget), count_tokens=model.count_tokens
+        )
+        sources = [self._source(s.n, s.chunk, s.score, s.text) for s in packed]
+        start = time.perf_counter()
+        try:
+            completion = model.complete(
+                build_messages(question, packed, system_prompt=self.settings.system_prompt),
+                max_tokens=self.max_answer_tokens,
+                temperature=self.temperature,
+            )
+        except ModelBusy:
+            raise
+        except ModelError as exc:
+            timings["generate_ms"] = _ms(start)
+            timings["total_ms"] = _ms(started)
+            log.warning("model failed; answering with sources only error=%s", exc)
+            return Answer(
+                answer="The language model is unavailable; here are the most relevant sources.",
+                sources=sources,
+                citations=[],
+                invalid_citations=[],
+                usage=Usage(),
+                timings=timings,
+                model=model.name,
+                degraded=True,
+                degraded_reason=f"{exc.code}: {exc.message}",
+            )
+        timings["generate_ms"] = _ms(start)
+        text, citations, invalid = self._checked(completion.text, packed)
+        timings["total_ms"] = _ms(started)
+        return Answer(
+            answer=text,
+            sources=sources,
+            citations=citations,
+            invalid_citations=invalid,
+            usage=completion.usage,
+            timings=timings,
+            model=completion.model or model.name,
+        )
+
+    @staticmethod
+    def _checked(raw: str, packed: list[ContextSource]) -> tuple[str, list[int], list[int]]:
+        """Drop citations to sources that were never given and count them."""
+        valid, invalid = extract_citations(raw, len(packed))
+        text = strip_invalid_citations(raw.strip(), invalid) if invalid else raw.strip()
+        if not text:
+            text = NO_ANSWER
+        return text, valid, invalid

@@ -1,0 +1,547 @@
+"""The SQLite catalog: collections, documents, chunks and their vectors.
+
+SQLite is the truth; FAISS indexes are derived from the ``chunks`` table.
+Every write that changes a collection's chunks bumps its ``version`` in the
+same transaction, which is how other processes notice they must catch up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rag_service.errors import CollectionNotFound, DocumentNotFound, EmbeddingMismatch
+from rag_service.storage.records import (
+    Collection,
+    Document,
+    NewChunk,
+    StoredChunk,
+)
+from rag_service.storage.schema import SCHEMA, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    """A file whose bytes are already in the blob store, to be registered."""
+
+    source: str
+    sha256: str
+    size: int
+    content_type: str | None
+    metadata: dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    """A random, sortable-enough public id such as ``doc_3f2a...``."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class Catalog:
+    """Thread-safe access to ``catalog.sqlite3``; one connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+
+    # -- connections ---------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database lock at once."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def read(self) -> sqlite3.Connection:
+        """The calling thread's connection, for single reads."""
+        return self._conn()
+
+    def close(self) -> None:
+        """Close every connection this catalog opened."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- collections ---------------------------------------------------------
+
+    def _collection_row(self, conn: sqlite3.Connection, name: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM collections WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return row
+
+    def get_collection(self, name: str) -> Collection:
+        """The collection ``name`` with its document and chunk counts."""
+        conn = self.read()
+        row = self._collection_row(conn, name)
+        return self._collection(conn, row)
+
+    def _collection(self, conn: sqlite3.Connection, row: sqlite3.Row) -> Collection:
+        docs = conn.execute(
+            "SELECT count(*) FROM documents WHERE collection_id = ?", (row["id"],)
+        ).fetchone()[0]
+        chunks = conn.execute(
+            "SELECT count(*) FROM chunks WHERE collection_id = ?", (row["id"],)
+        ).fetchone()[0]
+        return Collection(
+            id=row["id"],
+            name=row["name"],
+            embed_model=row["embed_model"],
+            dim=row["dim"],
+            created_at=row["created_at"],
+            version=row["version"],
+            document_count=docs,
+            chunk_count=chunks,
+        )
+
+    def list_collections(self) -> list[Collection]:
+        """Every collection, by name."""
+        conn = self.read()
+        rows = conn.execute("SELECT * FROM collections ORDER BY name").fetchall()
+        return [self._collection(conn, row) for row in rows]
+
+    def collection_version(self, name: str) -> tuple[int, int]:
+        """``(id, version)`` of a collection: the cheap change check."""
+        row = (
+            self.read()
+            .execute("SELECT id, version FROM collections WHERE name = ?", (name,))
+            .fetchone()
+        )
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return int(row[0]), int(row[1])
+
+    def _ensure_collection(
+        self, conn: sqlite3.Connection, name: str, embed_model: str, dim: int
+    ) -> int:
+        row = conn.execute(
+            "SELECT id, embed_model, dim FROM collections WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            cur = conn.execute(
+                "INSERT INTO collections(name, embed_model, dim, created_at) VALUES (?, ?, ?, ?)",
+                (name, embed_model, dim, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+        if row["embed_model"] != embed_model or row["dim"] != dim:
+            raise EmbeddingMismatch(
+                f"collection {name!r} was embedded with {row['embed_model']} "
+                f"({row['dim']} dims) but the service runs {embed_model} ({dim} dims); "
+                "use another collection or the model it was built with"
+            )
+        return int(row["id"])
+
+    def delete_collection(self, name: str) -> list[str]:
+        """Remove a collection with its documents and chunks; returns freed blob hashes."""
+        with self.write() as conn:
+            row = self._collection_row(conn, name)
+            shas = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT sha256 FROM documents WHERE collection_id = ?", (row["id"],)
+                )
+            ]
+            conn.execute("DELETE FROM chunks WHERE collection_id = ?", (row["id"],))
+            conn.execute(
+                "DELETE FROM job_documents WHERE document_id IN "
+                "(SELECT id FROM documents WHERE collection_id = ?)",
+                (row["id"],),
+            )
+            conn.execute("DELETE FROM documents WHERE collection_id = ?", (row["id"],))
+            conn.execute("DELETE FROM collections WHERE id = ?", (row["id"],))
+            now = time.time()
+            conn.execute(
+                "UPDATE jobs SET status = 'failed', stage = 'done', error = ?, finished_at = ?,"
+                " lease_until = NULL WHERE collection = ? AND status IN ('queued', 'running')",
+                (f"collection {name!r} was deleted", now, name),
+            )
+            return [sha for sha in shas if not self._blob_used(conn, sha)]
+
+    # -- documents -----------------------------------------------------------
+
+    @staticmethod
+    def _document(row: sqlite3.Row, collection: str) -> Document:
+        return Document(
+            id=row["id"],
+            collection=collection,
+            source=row["source"],
+            sha256=row["sha256"],
+            size=row["size"],
+            content_type=row["content_type"],
+            status=row["status"],
+            pages=row["pages"],
+            chunk_count=row["chunk_count"],
+            error=row["error"],
+            metadata=json.loads(row["metadata"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def register_upload(
+        self,
+        collection: str,
+        embed_model: str,
+        dim: int,
+        files: Sequence[IncomingFile],
+    ) -> tuple[str, list[Document]]:
+        """Record the documents of one upload and the job that ingests them.
+
+        One transaction: either every row is written or none.  Bytes already
+        in the collection map to the existing document and add no work; a
+        document that failed before is queued again.
+        """
+        now = time.time()
+        job_id = new_id("job")
+        with self.write() as conn:
+            coll_id = self._ensure_collection(conn, collection, embed_model, dim)
+            documents: list[Document] = []
+            queued: list[str] = []
+            for incoming in files:
+                existing = conn.execute(
+                    "SELECT * FROM documents WHERE collection_id = ? AND sha256 = ?"
+                    " ORDER BY created_at DESC LIMIT 1",
+                    (coll_id, incoming.sha256),
+                ).fetchone()
+                if existing is not None and existing["status"] != "failed":
+                    documents.append(self._document(existing, collection))
+                    continue
+                if existing is not None:
+                    doc_id = existing["id"]
+                    conn.execute(
+                        "UPDATE documents SET status = 'queued', error = NULL, source = ?,"
+                        " metadata = ?, updated_at = ? WHERE id = ?",
+                        (incoming.source, json.dumps(incoming.metadata), now, doc_id),
+                    )
+                else:
+                    doc_id = new_id("doc")
+                    conn.execute(
+                        "INSERT INTO documents(id, collection_id, source, sha256, size,"
+                        " content_type, status, metadata, created_at, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                        (
+                            doc_id,
+                            coll_id,
+                            incoming.source,
+                            incoming.sha256,
+                            incoming.size,
+                            incoming.content_type,
+                            json.dumps(incoming.metadata),
+                            now,
+                            now,
+                        ),
+                    )
+                if doc_id not in queued:
+                    conn.execute(
+                        "INSERT INTO job_documents(job_id, document_id, position) VALUES (?, ?, ?)",
+                        (job_id, doc_id, len(queued)),
+                    )
+                    queued.append(doc_id)
+                row = conn.execute("SELECT * FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                documents.append(self._document(row, collection))
+            status, stage, finished = (
+                ("queued", "queued", None)
+                if queued
+                else (
+                    "succeeded",
+                    "done",
+                    now,
+                )
+            )
+            conn.execute(
+                "INSERT INTO jobs(id, collection, status, stage, docs_total, created_at,"
+                " finished_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, collection, status, stage, len(queued), now, finished),
+            )
+        return job_id, documents
+
+    def get_document(self, collection: str, document_id: str) -> Document:
+        """One document of a collection."""
+        conn = self.read()
+        coll = self._collection_row(conn, collection)
+        row = conn.execute(
+            "SELECT * FROM documents WHERE id = ? AND collection_id = ?",
+            (document_id, coll["id"]),
+        ).fetchone()
+        if row is None:
+            raise DocumentNotFound(
+                f"document {document_id!r} does not exist in collection {collection!r}"
+            )
+        return self._document(row, collection)
+
+    def document_by_id(self, document_id: str) -> Document | None:
+        """A document by id alone, or None when it was deleted."""
+        row = (
+            self.read()
+            .execute(
+                "SELECT d.*, c.name AS collection_name FROM documents d"
+                " JOIN collections c ON c.id = d.collection_id WHERE d.id = ?",
+                (document_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else self._document(row, row["collection_name"])
+
+    def list_documents(
+        self, collection: str, *, limit: int = 100, offset: int = 0
+    ) -> tuple[list[Document], int]:
+        """A page of a collection's documents, oldest first, and the total count."""
+        conn = self.read()
+        coll = self._collection_row(conn, collection)
+        rows = conn.execute(
+            "SELECT * FROM documents WHERE collection_id = ? ORDER BY created_at, rowid"
+            " LIMIT ? OFFSET ?",
+            (coll["id"], limit, offset),
+        ).fetchall()
+        total = conn.execute(
+            "SELECT count(*) FROM documents WHERE collection_id = ?", (coll["id"],)
+        ).fetchone()[0]
+        return [self._document(row, collection) for row in rows], int(total)
+
+    def delete_document(self, collection: str, document_id: str) -> str | None:
+        """Remove a document and its chunks; returns its blob hash if now unused."""
+        with self.write() as conn:
+            coll = self._collection_row(conn, collection)
+            row = conn.execute(
+                "SELECT sha256 FROM documents WHERE id = ? AND collection_id = ?",
+                (document_id, coll["id"]),
+            ).fetchone()
+            if row is None:
+                raise DocumentNotFound(
+                    f"document {document_id!r} does not exist in collection {collection!r}"
+                )
+            self._delete_documents(conn, coll["id"], [document_id])
+            sha: str = row["sha256"]
+            return None if self._blob_used(conn, sha) else sha
+
+    def _delete_documents(
+        self, conn: sqlite3.Connection, collection_id: int, document_ids: Sequence[str]
+    ) -> None:
+        for doc_id in document_ids:
+            conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
+            conn.execute("DELETE FROM job_documents WHERE document_id = ?", (doc_id,))
+            conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+        conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+
+    @staticmethod
+    def _blob_used(conn: sqlite3.Connection, sha256: str) -> bool:
+        return (
+            conn.execute("SELECT 1 FROM documents WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
+            is not None
+        )
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob hash some document still points to."""
+        return {r[0] for r in self.read().execute("SELECT DISTINCT sha256 FROM documents")}
+
+    # -- ingestion -----------------------------------------------------------
+
+    def set_document_status(
+        self, document_id: str, status: str, *, error: str | None = None
+    ) -> None:
+        """Move a document to ``status`` (no-op if it was deleted meanwhile)."""
+        with self.write() as conn:
+            conn.execute(
+                "UPDATE documents SET status = ?, error = ?, updated_at = ? WHERE id = ?",
+                (status, error, time.time(), document_id),
+            )
+
+    def commit_document(
+        self,
+        document_id: str,
+        chunks: Sequence[NewChunk],
+        *,
+        pages: int | None,
+        content_type: str,
+        title: str | None = None,
+    ) -> list[str] | None:
+        """Write a document's chunks and mark it indexed, in one transaction.
+
+        Older documents with the same source name in the collection are
+        replaced in the same step.  Returns the blob hashes the replaced
+        documents freed, or None when the document was deleted meanwhile.
+        """
+        now = time.time()
+        with self.write() as conn:
+            doc = conn.execute(
+                "SELECT collection_id, source FROM documents WHERE id = ?", (document_id,)
+            ).fetchone()
+            if doc is None:
+                return None
+            coll_id = doc["collection_id"]
+            conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
+            conn.executemany(
+                "INSERT INTO chunks(collection_id, document_id, ordinal, page, headings,"
+                " start_char, end_char, token_count, text, vector)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        coll_id,
+                        document_id,
+                        c.ordinal,
+                        c.page,
+                        json.dumps(list(c.headings)),
+                        c.start_char,
+                        c.end_char,
+                        c.token_count,
+                        c.text,
+                        np.ascontiguousarray(c.vector, dtype=np.float32).tobytes(),
+                    )
+                    for c in chunks
+                ],
+            )
+            old = [
+                (r["id"], r["sha256"])
+                for r in conn.execute(
+                    "SELECT id, sha256 FROM documents WHERE collection_id = ? AND source = ?"
+                    " AND id != ? AND status IN ('indexed', 'failed')",
+                    (coll_id, doc["source"], document_id),
+                )
+            ]
+            if old:
+                self._delete_documents(conn, coll_id, [doc_id for doc_id, _ in old])
+            meta_update = ""
+            params: list[Any] = [pages, len(chunks), content_type, now]
+            if title:
+                meta_update = ", metadata = json_set(metadata, '$.title', ?)"
+                params.append(title)
+            conn.execute(
+                "UPDATE documents SET status = 'indexed', error = NULL, pages = ?,"
+                f" chunk_count = ?, content_type = ?, updated_at = ?{meta_update} WHERE id = ?",
+                (*params, document_id),
+            )
+            conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (coll_id,))
+            return [sha for _, sha in old if not self._blob_used(conn, sha)]
+
+    # -- chunks and vectors --------------------------------------------------
+
+    def chunk_ids(self, collection_id: int) -> npt.NDArray[np.int64]:
+        """Every chunk id of a collection, ascending."""
+        rows = (
+            self.read()
+            .execute("SELECT id FROM chunks WHERE collection_id = ? ORDER BY id", (collection_id,))
+            .fetchall()
+        )
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def chunk_count(self, collection_id: int) -> int:
+        """How many chunks a collection holds."""
+        return int(
+            self.read()
+            .execute("SELECT count(*) FROM chunks WHERE collection_id = ?", (collection_id,))
+            .fetchone()[0]
+        )
+
+    def vectors_after(
+        self, collection_id: int, after_id: int, dim: int, *, batch: int = 4096
+    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Chunk ids and vectors above ``after_id``, in ascending batches."""
+        last = after_id
+        while True:
+            rows = (
+                self.read()
+                .execute(
+                    "SELECT id, vector FROM chunks WHERE collection_id = ? AND id > ?"
+                    " ORDER BY id LIMIT ?",
+                    (collection_id, last, batch),
+                )
+                .fetchall()
+            )
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+            yield ids, vecs.reshape(len(rows), dim)
+            last = int(ids[-1])
+
+    def vectors_for(
+        self, ids: Sequence[int], dim: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Vectors of the given chunk ids (those that still exist)."""
+        found_ids: list[int] = []
+        blobs: list[bytes] = []
+        conn = self.read()
+        for start in range(0, len(ids), 500):
+            part = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(part))
+            for row in conn.execute(
+                f"SELECT id, vector FROM chunks WHERE id IN ({marks}) ORDER BY id", part
+            ):
+                found_ids.append(row[0])
+                blobs.append(row[1])
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found_ids), dim)
+        return np.asarray(found_ids, dtype=np.int64), vecs
+
+    def get_chunks(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
+        """Chunks by id, joined with their documents; deleted ids are absent."""
+        out: dict[int, StoredChunk] = {}
+        conn = self.read()
+        for start in range(0, len(ids), 500):
+            part = [int(i) for i in ids[start : start + 500]]
+            marks = ",".join("?" * len(part))
+            for row in conn.execute(
+                "SELECT c.id, c.document_id, c.ordinal, c.page, c.headings, c.start_char,"
+                " c.end_char, c.text, d.source, d.content_type, d.metadata"
+                " FROM chunks c JOIN documents d ON d.id = c.document_id"
+                f" WHERE c.id IN ({marks})",
+                part,
+            ):
+                out[row["id"]] = StoredChunk(
+                    id=row["id"],
+                    document_id=row["document_id"],
+                    source=row["source"],
+                    ordinal=row["ordinal"],
+                    page=row["page"],
+                    headings=tuple(json.loads(row["headings"])),
+                    start_char=row["start_char"],
+                    end_char=row["end_char"],
+                    text=row["text"],
+                    content_type=row["content_type"],
+                    metadata=json.loads(row["metadata"]),
+                )
+        return out

@@ -1,0 +1,91 @@
+"""Helpers shared by the tests: a scripted model, job polling, PDFs made on the fly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
+
+DATA = Path(__file__).parent / "data"
+REAL_PDF = DATA / "shared-mime-info-spec.pdf"
+
+
+class ScriptedChatModel(ChatModel):
+    """A hand-written fake: answers with a fixed text and records every prompt."""
+
+    name = "scripted"
+    context_window = 2048
+
+    def __init__(self, answer: str = "The answer is in the first source [1].") -> None:
+        self.answer = answer
+        self.prompts: list[list[ChatMessage]] = []
+        self.error: Exception | None = None
+
+    def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+    ) -> Completion:
+        self.prompts.append(list(messages))
+        if self.error is not None:
+            raise self.error
+        prompt = sum(self.count_tokens(m.content) for m in messages)
+        return Completion(self.answer, Usage(prompt, self.count_tokens(self.answer)), "stop")
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[StreamDelta]:
+        done = self.complete(messages, max_tokens=max_tokens, temperature=temperature)
+        for word in done.text.split(" "):
+            yield StreamDelta(word + " ")
+        yield StreamDelta("", usage=done.usage, finish_reason="stop")
+
+
+def wait_for_job(client: TestClient, job_id: str, timeout_s: float = 120.0) -> dict[str, object]:
+    """Poll ``GET /v1/jobs/{id}`` until it has finished."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job: dict[str, object] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job did not finish: {job}")
+        time.sleep(0.05)
+
+
+def make_pdf(pages: Sequence[str]) -> bytes:
+    """A real PDF with one text per page, written by fpdf2."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 6, text)
+    return bytes(pdf.output())
+
+
+def make_encrypted_pdf(text: str) -> bytes:
+    from fpdf import FPDF
+    from fpdf.enums import EncryptionMethod
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    pdf.add_page()
+    pdf.multi_cell(0, 6, text)
+    pdf.set_encryption(
+        owner_password="owner", user_password="secret", encryption_method=EncryptionMethod.AES_128
+    )
+    return bytes(pdf.output())
