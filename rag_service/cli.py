@@ -96,9 +96,10 @@ def ingest(
     _logging("WARNING")
     try:
         with Runtime.open(settings) as runtime:
-            files = runtime.documents.expand_paths(paths)
-            receipt = runtime.documents.add_paths(collection, files)
+            receipt = runtime.documents.add_paths(collection, paths)
             out.print(f"job {receipt.job_id}: {len(receipt.documents)} document(s) accepted")
+            for name, reason in receipt.rejected:
+                err.print(f"  skipped   {name}: {reason}", highlight=False, markup=False)
             if not wait:
                 return
             job = _run_with_progress(runtime, receipt.job_id)

@@ -7,7 +7,8 @@ The HTTP app, the CLI and a backend that embeds the library all start here:
         rag.wait_for_job(receipt.job_id)
         print(rag.query.ask("docs", "How do I install it?").answer)
 
-This is the one place ``rag_service`` imports ``ingest`` (to start workers).
+This is the one place ``rag_service`` imports ``ingest``: to start workers, and
+to let uploads be checked by the loaders' type sniffing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rag_service.embedding import Embedder, SentenceTransformerEmbedder
 from rag_service.errors import RagError
 from rag_service.llm.base import ChatModel
 from rag_service.llm.factory import create_chat_model
-from rag_service.services.documents import DocumentService
+from rag_service.services.documents import DocumentService, Inspector
 from rag_service.services.query import QueryService
 from rag_service.storage.blobs import BlobStore
 from rag_service.storage.catalog import Catalog
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
     from ingest.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+def _inspector() -> Inspector:
+    """The loaders' type sniffing, so uploads of unreadable types are refused at once."""
+    from ingest.loaders import detect_kind
+
+    return detect_kind
 
 
 class Runtime:
@@ -75,6 +83,7 @@ class Runtime:
             embed_model=self.embedder.model_id,
             embed_dim=self.embedder.dim,
             on_enqueued=self._wake_workers,
+            inspect=_inspector(),
         )
         self.query = QueryService(
             catalog=self.catalog,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_service.config import IngestSettings
-from rag_service.errors import InvalidRequest, RagError
+from rag_service.errors import DocumentError, EmptyDocument, InvalidRequest, RagError
 from rag_service.services.validation import collection_name, source_name
 from rag_service.storage.blobs import BlobStore, BlobWriter
 from rag_service.storage.catalog import Catalog, IncomingFile
@@ -31,12 +31,20 @@ INGESTIBLE_SUFFIXES = frozenset(
 )
 
 
+#: ``inspect(head, name, content_type)`` raises a ``DocumentError`` for a file
+#: that can be refused at once (unsupported type, empty); ``head`` is the
+#: file's first bytes, or all of it when it is small.
+Inspector = Callable[[bytes, str, str | None], object]
+
+
 @dataclass(frozen=True)
 class Receipt:
     """What an accepted upload returns at once."""
 
     job_id: str
     documents: list[Document]
+    #: ``(file name, reason)`` of files refused when invalid ones are skipped.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +71,7 @@ class DocumentService:
         embed_model: str,
         embed_dim: int,
         on_enqueued: Callable[[], None] | None = None,
+        inspect: Inspector | None = None,
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
@@ -72,6 +81,7 @@ class DocumentService:
         self.embed_model = embed_model
         self.embed_dim = embed_dim
         self.on_enqueued = on_enqueued
+        self.inspect = inspect
 
     # -- accepting -----------------------------------------------------------
 
@@ -91,8 +101,31 @@ class DocumentService:
             metadata=dict(metadata or {}),
         )
 
-    def register(self, collection: str, uploads: Sequence[PendingUpload]) -> Receipt:
-        """Make streamed uploads durable and queue them for ingestion."""
+    def check(self, upload: PendingUpload) -> None:
+        """Refuse a file that cannot be ingested, before it is accepted."""
+        writer = upload.writer
+        if writer.size == 0:
+            raise EmptyDocument(f"{upload.source} is empty (0 bytes)")
+        if self.inspect is None:
+            return
+        try:
+            self.inspect(writer.head, upload.source, upload.content_type)
+        except EmptyDocument:
+            if writer.size <= len(writer.head):  # only the whole file can be judged empty
+                raise
+
+    def register(
+        self,
+        collection: str,
+        uploads: Sequence[PendingUpload],
+        *,
+        skip_invalid: bool = False,
+    ) -> Receipt:
+        """Make streamed uploads durable and queue them for ingestion.
+
+        A file of an unsupported type or an empty one refuses the whole
+        upload, unless ``skip_invalid``: then it is left out and reported.
+        """
         collection_name(collection)
         if not uploads:
             raise InvalidRequest("no files in the upload: send one or more 'files' parts")
@@ -101,8 +134,23 @@ class DocumentService:
                 f"{len(uploads)} files in one upload; the limit is "
                 f"{self.settings.max_files_per_request} (RAG_INGEST__MAX_FILES_PER_REQUEST)"
             )
-        incoming = []
+        accepted: list[PendingUpload] = []
+        rejected: list[tuple[str, str]] = []
         for upload in uploads:
+            try:
+                self.check(upload)
+            except DocumentError as exc:
+                if not skip_invalid:
+                    raise
+                upload.writer.abort()
+                rejected.append((upload.source, exc.message))
+            else:
+                accepted.append(upload)
+        if not accepted:
+            reasons = "; ".join(f"{name}: {why}" for name, why in rejected)
+            raise InvalidRequest(f"no file could be accepted: {reasons}")
+        incoming = []
+        for upload in accepted:
             sha, size = upload.writer.commit()
             incoming.append(
                 IncomingFile(upload.source, sha, size, upload.content_type, upload.metadata)
@@ -110,10 +158,10 @@ class DocumentService:
         job_id, documents = self.catalog.register_upload(
             collection, self.embed_model, self.embed_dim, incoming
         )
-        log.info("upload accepted collection=%s job=%s files=%d", collection, job_id, len(uploads))
+        log.info("upload accepted collection=%s job=%s files=%d", collection, job_id, len(incoming))
         if self.on_enqueued is not None:
             self.on_enqueued()
-        return Receipt(job_id, documents)
+        return Receipt(job_id, documents, rejected)
 
     def abort(self, uploads: Iterable[PendingUpload]) -> None:
         """Throw away uploads that will not be registered."""
@@ -193,7 +241,7 @@ class DocumentService:
                 with open(path, "rb") as fh:
                     while block := fh.read(1 << 20):
                         upload.writer.write(block)
-            return self.register(collection, uploads)
+            return self.register(collection, uploads, skip_invalid=True)
         except BaseException:
             self.abort(uploads)
             raise

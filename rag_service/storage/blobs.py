@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
+#: Bytes of each upload kept in memory so its type can be checked before it is accepted.
+HEAD_BYTES = 64 * 1024
+
+
 class BlobWriter:
     """Streams one upload to a temporary file while hashing and counting it."""
 
@@ -28,6 +32,7 @@ class BlobWriter:
         self._name = name
         self._hash = hashlib.sha256()
         self.size = 0
+        self.head = b""
         self.tmp_path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
         self._file: BinaryIO | None = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
 
@@ -41,6 +46,8 @@ class BlobWriter:
                 "(setting RAG_INGEST__MAX_FILE_BYTES)"
             )
         self._hash.update(data)
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
         assert self._file is not None
         self._file.write(data)
 

@@ -177,7 +177,7 @@ def test_a_bad_file_fails_alone_and_the_others_are_indexed(client: TestClient) -
             ("good.txt", b"Bees make honey from nectar."),
             ("broken.pdf", make_pdf(PAGES)[:400]),
             ("locked.pdf", make_encrypted_pdf("secret plans")),
-            ("empty.txt", b""),
+            ("scan.pdf", make_pdf(["", ""])),
         ],
     )
     job = wait_for_job(client, body["job_id"])
@@ -192,17 +192,17 @@ def test_a_bad_file_fails_alone_and_the_others_are_indexed(client: TestClient) -
     assert docs["good.txt"]["status"] == "indexed"
     assert docs["broken.pdf"]["status"] == "failed"
     assert "password" in docs["locked.pdf"]["error"].lower()
-    assert docs["empty.txt"]["status"] == "failed"
-    assert docs["empty.txt"]["error"]
+    assert docs["scan.pdf"]["status"] == "failed"
+    assert "no text" in docs["scan.pdf"]["error"]
     # the worker is still alive and takes the next job
     again = upload(client, [("more.txt", b"Wasps do not make honey.")])
     assert wait_for_job(client, again["job_id"])["status"] == "succeeded"
 
 
 def test_a_failed_document_can_be_retried_by_uploading_it_again(client: TestClient) -> None:
-    first = upload(client, [("empty.txt", b"   ")])
+    first = upload(client, [("empty.txt", b" " * 70_000)])
     assert wait_for_job(client, first["job_id"])["status"] == "failed"
-    second = upload(client, [("empty.txt", b"   ")])
+    second = upload(client, [("empty.txt", b" " * 70_000)])
     assert second["documents"][0]["id"] == first["documents"][0]["id"]
     assert wait_for_job(client, second["job_id"])["status"] == "failed"
 
