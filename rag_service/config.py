@@ -132,6 +132,9 @@ class LLMSettings(BaseModel):
     context_window: int = Field(2048, ge=256, description="Tokens the model can attend to.")
     max_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    repeat_penalty: float = Field(
+        1.2, ge=1.0, le=2.0, description="Local model: penalty on repeated tokens (1: none)."
+    )
     threads: int = Field(0, ge=0, description="llama.cpp threads (0: all cores).")
     max_queue: int = Field(
         8, ge=0, description="Local model: requests that may wait for it before 503."

@@ -69,6 +69,10 @@ class SentenceTransformerEmbedder(Embedder):
         location = resolve_embedding_model(settings.model)
         try:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            # no "Loading weights" bar on every start
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
             self._model = SentenceTransformer(location, device=settings.device)
         except ImportError as exc:

@@ -28,6 +28,77 @@ NO_ANSWER = "The sources do not contain the answer."
 
 TRUNCATION_MARK = " [...]"
 
+#: Where an answer that starts to echo the prompt's layout is cut off.
+STOP_SEQUENCES = ("\n[", "\nQuestion:", "\nSources:", "<<<", ">>>")
+
+_WORD = re.compile(r"\w+")
+_STOPWORDS = frozenset(
+    (
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "been",
+        "but",
+        "by",
+        "can",
+        "could",
+        "did",
+        "do",
+        "does",
+        "for",
+        "from",
+        "had",
+        "has",
+        "have",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "may",
+        "might",
+        "not",
+        "of",
+        "on",
+        "or",
+        "should",
+        "so",
+        "such",
+        "than",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "to",
+        "was",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+    )
+)
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*[,;]\s*\d{1,3})*)\]")
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
 
@@ -113,7 +184,8 @@ def build_messages(
         f"{blocks}"
         ">>>\n\n"
         f"Question: {question.strip()}\n"
-        "Answer from the sources above and cite them like [1]."
+        "Answer in a few sentences, using only the sources above. "
+        "End each sentence with the number of its source, like [1]."
     )
     return [
         ChatMessage("system", system_prompt or SYSTEM_PROMPT),
@@ -148,3 +220,34 @@ def strip_invalid_citations(answer: str, invalid: Sequence[int]) -> str:
         return f"[{', '.join(keep)}]" if keep else ""
 
     return re.sub(r"\s+(?=[.,;!?])", "", _CITATION.sub(fix, answer)).strip()
+
+
+def _content_words(text: str) -> set[str]:
+    return {
+        w
+        for w in (m.group(0).lower() for m in _WORD.finditer(text))
+        if w not in _STOPWORDS and (len(w) > 2 or w.isdigit())
+    }
+
+
+def infer_citations(
+    answer: str, sources: Sequence[ContextSource], *, min_overlap: float = 0.5
+) -> list[int]:
+    """Sources that support the answer's sentences, for answers that cite nothing.
+
+    Each sentence is credited to the source holding the largest share of its
+    content words, if that share is at least ``min_overlap``.  Small models
+    often answer from a source without writing ``[n]``; this recovers the
+    attribution from the text itself, and the response says it was inferred.
+    """
+    vocab = [_content_words(s.text) for s in sources]
+    found: list[int] = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer):
+        words = _content_words(sentence)
+        if len(words) < 2:
+            continue
+        shares = [len(words & v) / len(words) for v in vocab]
+        best = max(range(len(shares)), key=shares.__getitem__, default=None)
+        if best is not None and shares[best] >= min_overlap and sources[best].n not in found:
+            found.append(sources[best].n)
+    return found

@@ -205,6 +205,10 @@ class QueryOut(BaseModel):
     answer: str
     sources: list[SourceOut] = Field(description="Every source the model was given.")
     citations: list[int] = Field(description="Source numbers the answer cites, in order.")
+    citation_mode: str = Field(
+        description="model: the answer's own [n] marks; inferred: matched from the answer's "
+        "words because the model wrote none; none: nothing cited."
+    )
     invalid_citations: int = Field(description="Citations to sources never given, removed.")
     usage: UsageOut
     timings: dict[str, float] = Field(description="Milliseconds: embed, search, generate, total.")
@@ -218,6 +222,7 @@ class QueryOut(BaseModel):
             answer=a.answer,
             sources=[SourceOut.of(s) for s in a.sources],
             citations=a.citations,
+            citation_mode=a.citation_mode,
             invalid_citations=len(a.invalid_citations),
             usage=UsageOut.of(a.usage),
             timings=a.timings,

@@ -13,9 +13,11 @@ from rag_service.errors import EmbeddingMismatch, InvalidRequest, ModelBusy, Mod
 from rag_service.llm.base import ChatModel, Usage
 from rag_service.prompting import (
     NO_ANSWER,
+    STOP_SEQUENCES,
     ContextSource,
     build_messages,
     extract_citations,
+    infer_citations,
     pack_context,
     strip_invalid_citations,
 )
@@ -64,6 +66,8 @@ class Answer:
     model: str
     degraded: bool = False
     degraded_reason: str | None = None
+    #: "model": the answer's own ``[n]``; "inferred": matched from its words; "none".
+    citation_mode: str = "none"
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -191,6 +195,7 @@ class QueryService:
                 build_messages(question, packed, system_prompt=self.settings.system_prompt),
                 max_tokens=self.max_answer_tokens,
                 temperature=self.temperature,
+                stop=STOP_SEQUENCES,
             )
         except ModelBusy:
             raise
@@ -211,6 +216,10 @@ class QueryService:
             )
         timings["generate_ms"] = _ms(start)
         text, citations, invalid = self._checked(completion.text, packed)
+        mode = "model" if citations else "none"
+        if not citations and text != NO_ANSWER:
+            citations = infer_citations(text, packed)
+            mode = "inferred" if citations else "none"
         timings["total_ms"] = _ms(started)
         return Answer(
             answer=text,
@@ -220,6 +229,7 @@ class QueryService:
             usage=completion.usage,
             timings=timings,
             model=completion.model or model.name,
+            citation_mode=mode,
         )
 
     @staticmethod

@@ -97,7 +97,7 @@ def test_file_names_lose_their_directories(client: TestClient, name: str, stored
 
 def test_file_name_with_nul_is_refused(client: TestClient) -> None:
     body = (
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\x00b.txt\"\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="a\x00b.txt"\r\n'
         b"Content-Type: text/plain\r\n\r\nhello\r\n--XyZ--\r\n"
     )
     response = client.post(
@@ -110,7 +110,7 @@ def test_file_name_with_nul_is_refused(client: TestClient) -> None:
 
 
 def test_malformed_multipart_is_422(client: TestClient) -> None:
-    body = b"--XyZ\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n\r\nhel"
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\nhel'
     response = client.post(
         "/v1/collections/docs/documents",
         content=body,
@@ -184,7 +184,9 @@ def test_question_over_the_length_limit_is_422(strict_client: TestClient) -> Non
 @pytest.mark.parametrize("top_k", [0, -1, 11])
 def test_top_k_out_of_range_is_422(strict_client: TestClient, top_k: int) -> None:
     for path, key in (("/v1/query", "question"), ("/v1/retrieve", "query")):
-        response = strict_client.post(path, json={"collection": "docs", key: "text", "top_k": top_k})
+        response = strict_client.post(
+            path, json={"collection": "docs", key: "text", "top_k": top_k}
+        )
         assert "top_k" in error_of(response, 422)["message"]
 
 

