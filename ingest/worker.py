@@ -117,6 +117,9 @@ class Worker:
             message = exc.message
             log.info("document failed id=%s source=%s error=%s", doc_id, document.source, exc)
         except Exception as exc:  # a bug or a broken model fails the document, not the worker
+            if self.catalog.document_by_id(doc_id) is None:  # deleted while being ingested
+                tally.done += 1
+                return
             message = f"internal error while ingesting: {exc}"
             log.exception("document crashed id=%s source=%s", doc_id, document.source)
         else:

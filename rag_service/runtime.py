@@ -105,13 +105,20 @@ class Runtime:
         chat_model: ChatModel | None = None,
         workers: int = 0,
         load_chat_model: bool = False,
+        warm_indexes: bool = False,
     ) -> Self:
-        """Open a data directory; optionally start ingestion threads and load the model."""
+        """Open a data directory.
+
+        Optionally start ingestion threads, load the language model now rather
+        than at the first question, and load every collection's FAISS index
+        now rather than at its first search.
+        """
         runtime = cls(settings, embedder=embedder, chat_model=chat_model)
         try:
             if load_chat_model:
                 runtime.chat_model()
-            runtime.warm_indexes()
+            if warm_indexes:
+                runtime.warm_indexes()
             if workers:
                 runtime.start_workers(workers)
         except BaseException:

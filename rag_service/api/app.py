@@ -43,6 +43,7 @@ def create_app(
                 chat_model=chat_model,
                 workers=settings.ingest.worker_threads,
                 load_chat_model=True,
+                warm_indexes=True,
             )
         )
         app.state.runtime = runtime

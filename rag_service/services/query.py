@@ -112,7 +112,7 @@ class QueryService:
         bounded_int(
             k, name="top_k", low=1, high=self.settings.max_top_k, setting="RAG_QUERY__MAX_TOP_K"
         )
-        coll = self.catalog.get_collection(collection)
+        coll = self.catalog.get_collection(collection, counts=False)
         if coll.embed_model != self.embedder.model_id or coll.dim != self.embedder.dim:
             raise EmbeddingMismatch(
                 f"collection {collection!r} was embedded with {coll.embed_model} but the "

@@ -116,19 +116,23 @@ class Catalog:
             raise CollectionNotFound(f"collection {name!r} does not exist")
         return row
 
-    def get_collection(self, name: str) -> Collection:
-        """The collection ``name`` with its document and chunk counts."""
+    def get_collection(self, name: str, *, counts: bool = True) -> Collection:
+        """The collection ``name``, with its document and chunk counts if asked."""
         conn = self.read()
         row = self._collection_row(conn, name)
-        return self._collection(conn, row)
+        return self._collection(conn, row, counts=counts)
 
-    def _collection(self, conn: sqlite3.Connection, row: sqlite3.Row) -> Collection:
-        docs = conn.execute(
-            "SELECT count(*) FROM documents WHERE collection_id = ?", (row["id"],)
-        ).fetchone()[0]
-        chunks = conn.execute(
-            "SELECT count(*) FROM chunks WHERE collection_id = ?", (row["id"],)
-        ).fetchone()[0]
+    def _collection(
+        self, conn: sqlite3.Connection, row: sqlite3.Row, *, counts: bool = True
+    ) -> Collection:
+        docs = chunks = 0
+        if counts:
+            docs = conn.execute(
+                "SELECT count(*) FROM documents WHERE collection_id = ?", (row["id"],)
+            ).fetchone()[0]
+            chunks = conn.execute(
+                "SELECT count(*) FROM chunks WHERE collection_id = ?", (row["id"],)
+            ).fetchone()[0]
         return Collection(
             id=row["id"],
             name=row["name"],
@@ -188,11 +192,6 @@ class Catalog:
                 )
             ]
             conn.execute("DELETE FROM chunks WHERE collection_id = ?", (row["id"],))
-            conn.execute(
-                "DELETE FROM job_documents WHERE document_id IN "
-                "(SELECT id FROM documents WHERE collection_id = ?)",
-                (row["id"],),
-            )
             conn.execute("DELETE FROM documents WHERE collection_id = ?", (row["id"],))
             conn.execute("DELETE FROM collections WHERE id = ?", (row["id"],))
             now = time.time()
@@ -364,7 +363,6 @@ class Catalog:
     ) -> None:
         for doc_id in document_ids:
             conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
-            conn.execute("DELETE FROM job_documents WHERE document_id = ?", (doc_id,))
             conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
         conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
 

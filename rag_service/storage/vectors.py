@@ -70,7 +70,7 @@ class VectorStore:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
     def _load(self, collection: str) -> _Loaded:
-        coll = self.catalog.get_collection(collection)
+        coll = self.catalog.get_collection(collection, counts=False)
         index = None
         path = self.snapshot_path(collection)
         if path.is_file():
