@@ -28,8 +28,12 @@ NO_ANSWER = "The sources do not contain the answer."
 
 TRUNCATION_MARK = " [...]"
 
-#: Where an answer that starts to echo the prompt's layout is cut off.
-STOP_SEQUENCES = ("\n[", "\nQuestion:", "\nSources:", "<<<", ">>>")
+#: Where an answer that starts to echo the prompt's layout is cut off: a
+#: second source block, or the prompt's own headings and markers.
+STOP_SEQUENCES = ("\n\n[", "\nQuestion:", "\nSources:", "<<<", ">>>")
+
+# A source header such as "[2] (manual.pdf, page 4)" copied into the answer.
+_ECHOED_HEADER = re.compile(r"\[(\d{1,3})\][ \t]*\([^()\n]{1,300}\)[ \t]*\n?")
 
 _WORD = re.compile(r"\w+")
 _STOPWORDS = frozenset(
@@ -191,6 +195,11 @@ def build_messages(
         ChatMessage("system", system_prompt or SYSTEM_PROMPT),
         ChatMessage("user", user),
     ]
+
+
+def clean_answer(answer: str) -> str:
+    """Turn source headers a small model copied into plain ``[n]`` citations."""
+    return _ECHOED_HEADER.sub(lambda m: f"[{m.group(1)}] ", answer).strip()
 
 
 def extract_citations(answer: str, source_count: int) -> tuple[list[int], list[int]]:

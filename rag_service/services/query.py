@@ -16,6 +16,7 @@ from rag_service.prompting import (
     STOP_SEQUENCES,
     ContextSource,
     build_messages,
+    clean_answer,
     extract_citations,
     infer_citations,
     pack_context,
@@ -235,8 +236,9 @@ class QueryService:
     @staticmethod
     def _checked(raw: str, packed: list[ContextSource]) -> tuple[str, list[int], list[int]]:
         """Drop citations to sources that were never given and count them."""
-        valid, invalid = extract_citations(raw, len(packed))
-        text = strip_invalid_citations(raw.strip(), invalid) if invalid else raw.strip()
+        cleaned = clean_answer(raw)
+        valid, invalid = extract_citations(cleaned, len(packed))
+        text = strip_invalid_citations(cleaned, invalid) if invalid else cleaned
         if not text:
             text = NO_ANSWER
         return text, valid, invalid
