@@ -83,6 +83,9 @@ def test_file_over_the_size_limit_is_413_while_streaming(
         assert [p for p in (settings.data_dir / "blobs").iterdir() if p.is_file()] == []
         ok = post_files(client, [("small.txt", b"a" * 500)])
         assert ok.status_code == 202
+        too_long = {"documents": [{"text": "b" * 2000, "source": "inline.txt"}]}
+        err = error_of(client.post("/v1/collections/docs/documents", json=too_long), 413)
+        assert "multipart" in err["message"]
 
 
 @pytest.mark.parametrize(

@@ -57,12 +57,16 @@ UPLOAD_BODY: dict[str, Any] = {
 
 
 async def _json_uploads(request: Request, documents: DocumentsDep) -> list[PendingUpload]:
-    limit = documents.settings.max_file_bytes * documents.settings.max_files_per_request
+    # The whole JSON body counts against one file's limit: texts sent inline are small.
+    limit = documents.settings.max_file_bytes
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
-            raise DocumentTooLarge(f"JSON body is over the {limit} byte limit")
+            raise DocumentTooLarge(
+                f"JSON body is over the {limit} byte limit (RAG_INGEST__MAX_FILE_BYTES); "
+                "upload large documents as multipart files"
+            )
     try:
         payload = TextUploadIn.model_validate(json.loads(body))
     except ValueError as exc:  # json and pydantic errors alike
