@@ -19,6 +19,8 @@ CLI prints them as one line.
     ├── ConflictError             409
     │   └── EmbeddingMismatch
     ├── IndexNotReady             503
+    ├── ServiceUnavailable        503      (client) the service cannot be reached
+    ├── JobTimeout                504      (client) a job did not finish in time
     ├── EmbeddingError            500
     └── ModelError                502
         ├── ModelTimeout          504
@@ -181,3 +183,17 @@ class ModelBusy(ModelError):
 
     code = "model_busy"
     status_code = 503
+
+
+class ServiceUnavailable(RagError):
+    """The Python client cannot reach the RAG service, or a gateway in front of it gave up."""
+
+    code = "service_unavailable"
+    status_code = 503
+
+
+class JobTimeout(RagError):
+    """The Python client waited for an ingestion job longer than its ``timeout_s``."""
+
+    code = "job_timeout"
+    status_code = 504
