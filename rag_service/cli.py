@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rag_service.config import Settings
 from rag_service.errors import RagError
 from rag_service.runtime import Runtime
+from rag_service.storage.filters import ChunkFilter, MetadataCondition, MetadataScalar
 from rag_service.storage.records import Job
 
 app = typer.Typer(
@@ -158,19 +159,80 @@ def _run_with_progress(runtime: Runtime, job_id: str) -> Job:
         thread.join()
 
 
+def _meta_value(raw: str) -> MetadataScalar:
+    """A ``--meta`` value: JSON scalars (``3``, ``true``, ``null``) as such, else the text."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return raw
+
+
+def _filters(
+    documents: list[str] | None,
+    sources: list[str] | None,
+    file_types: list[str] | None,
+    page_from: int | None,
+    page_to: int | None,
+    meta: list[str] | None,
+) -> ChunkFilter | None:
+    """The ``ask`` options as a filter; a key given twice in ``--meta`` matches either value."""
+    values: dict[str, list[MetadataScalar]] = {}
+    for item in meta or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--meta")
+        values.setdefault(key, []).append(_meta_value(raw))
+    metadata: dict[str, MetadataCondition] = {
+        key: found[0] if len(found) == 1 else found for key, found in values.items()
+    }
+    flt = ChunkFilter(
+        document_ids=tuple(documents) if documents else None,
+        sources=tuple(sources) if sources else None,
+        file_types=tuple(file_types) if file_types else None,
+        page_from=page_from,
+        page_to=page_to,
+        metadata=metadata or None,
+    )
+    return None if flt.is_empty else flt
+
+
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     collection: Annotated[str, typer.Option("--collection", "-c", help="Collection to ask.")],
     top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="Sources to use.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="dense, keyword or hybrid (default RAG_QUERY__DEFAULT_MODE)."),
+    ] = None,
+    document: Annotated[
+        list[str] | None, typer.Option("--document", help="Only this document id (repeatable).")
+    ] = None,
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="Only this file name (repeatable).")
+    ] = None,
+    file_type: Annotated[
+        list[str] | None,
+        typer.Option("--type", help='Only this file type, e.g. "pdf" or "text/html" (repeatable).'),
+    ] = None,
+    page_from: Annotated[int | None, typer.Option(help="First page (inclusive).")] = None,
+    page_to: Annotated[int | None, typer.Option(help="Last page (inclusive).")] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option("--meta", help="Upload metadata KEY=VALUE that must match (repeatable)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full response.")] = False,
 ) -> None:
     """Answer a question from a collection, then list the numbered sources."""
+    filters = _filters(document, source, file_type, page_from, page_to, meta)
     settings = _settings()
     _logging("WARNING")
     try:
         with Runtime.open(settings) as runtime:
-            answer = runtime.query.ask(collection, question, top_k)
+            answer = runtime.query.ask(collection, question, top_k, mode=mode, filters=filters)
     except RagError as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -183,11 +245,17 @@ def ask(
         err.print(f"[yellow]degraded:[/yellow] {answer.degraded_reason}", highlight=False)
     if answer.sources:
         out.print("\nSources:")
-    for source in answer.sources:
-        mark = "*" if source.n in answer.citations else " "
-        page = f", page {source.page}" if source.page is not None else ""
+    for source_ in answer.sources:
+        mark = "*" if source_.n in answer.citations else " "
+        page = f", page {source_.page}" if source_.page is not None else ""
+        why = "".join(
+            f"; {name} {value:.3f}"
+            for name, value in (("dense", source_.dense_score), ("bm25", source_.keyword_score))
+            if value is not None and answer.mode == "hybrid"
+        )
         out.print(
-            f"{mark}[{source.n}] {source.source}{page}  (score {source.score:.3f})",
+            f"{mark}[{source_.n}] {source_.source}{page}  ({answer.mode} score "
+            f"{source_.score:.3f}{why})",
             highlight=False,
             markup=False,
         )

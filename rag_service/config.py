@@ -109,6 +109,24 @@ class QuerySettings(BaseModel):
     system_prompt: str | None = Field(
         None, description="Replaces the built-in system prompt when set."
     )
+    default_mode: Literal["dense", "keyword", "hybrid"] = Field(
+        "hybrid",
+        description="Retrieval mode when a request names none: dense (embeddings), keyword "
+        "(BM25) or hybrid (both, fused by reciprocal rank).",
+    )
+    rrf_k: int = Field(
+        60, ge=0, le=10_000, description="k of reciprocal-rank fusion: score = sum 1/(k + rank)."
+    )
+    candidates_per_result: int = Field(
+        4, ge=1, le=100, description="Each signal's candidate pool is top_k times this..."
+    )
+    min_candidates: int = Field(20, ge=1, le=10_000, description="...and at least this many.")
+    filter_exact_max: int = Field(
+        5000,
+        ge=0,
+        description="With filters that leave at most this many chunks, dense search scores "
+        "exactly those chunks instead of over-fetching from the vector index.",
+    )
 
 
 class LLMSettings(BaseModel):

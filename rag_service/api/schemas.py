@@ -7,8 +7,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rag_service.llm.base import Usage as UsageValue
+from rag_service.retrieval import RetrievalMode
 from rag_service.services.query import Answer, Retrieval
 from rag_service.services.query import Source as SourceValue
+from rag_service.storage.filters import ChunkFilter, MetadataScalar
 from rag_service.storage.records import Collection, Document, Job
 
 
@@ -136,11 +138,57 @@ class DocumentList(BaseModel):
     offset: int
 
 
+class FiltersIn(BaseModel):
+    """Which chunks may be returned; fields combine with AND, list values with OR."""
+
+    model_config = ConfigDict(extra="forbid")
+    document_ids: list[str] | None = Field(
+        None, min_length=1, description="Only these documents (ids from the upload response)."
+    )
+    sources: list[str] | None = Field(
+        None, min_length=1, description="Only documents uploaded under these file names."
+    )
+    file_types: list[str] | None = Field(
+        None,
+        min_length=1,
+        description='Extensions or MIME types: "pdf", "md", ".html", "text/plain".',
+    )
+    page_from: int | None = Field(
+        None, ge=1, description="First page (inclusive); chunks without a page are left out."
+    )
+    page_to: int | None = Field(
+        None, ge=1, description="Last page (inclusive); chunks without a page are left out."
+    )
+    metadata: dict[str, MetadataScalar | list[MetadataScalar]] | None = Field(
+        None,
+        description='Equality on the metadata given at upload, e.g. {"team": "ops"}; '
+        "a list matches any of its values.",
+    )
+
+    def to_value(self) -> ChunkFilter:
+        return ChunkFilter(
+            document_ids=None if self.document_ids is None else tuple(self.document_ids),
+            sources=None if self.sources is None else tuple(self.sources),
+            file_types=None if self.file_types is None else tuple(self.file_types),
+            page_from=self.page_from,
+            page_to=self.page_to,
+            metadata=self.metadata,
+        )
+
+
+MODE_DESCRIPTION = (
+    "dense: embedding similarity; keyword: BM25 on the words; hybrid (default): both, "
+    "fused by reciprocal rank."
+)
+
+
 class RetrieveIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     collection: str = Field(description="Collection to search.")
     query: str = Field(description="What to look for.")
     top_k: int | None = Field(None, description="How many chunks to return (default 5).")
+    mode: RetrievalMode | None = Field(None, description=MODE_DESCRIPTION)
+    filters: FiltersIn | None = Field(None, description="Restrict the chunks searched.")
 
 
 class QueryIn(BaseModel):
@@ -148,6 +196,8 @@ class QueryIn(BaseModel):
     collection: str = Field(description="Collection to answer from.")
     question: str = Field(description="The question.")
     top_k: int | None = Field(None, description="How many chunks to give the model (default 5).")
+    mode: RetrievalMode | None = Field(None, description=MODE_DESCRIPTION)
+    filters: FiltersIn | None = Field(None, description="Restrict the chunks searched.")
 
 
 class SourceOut(BaseModel):
@@ -160,7 +210,24 @@ class SourceOut(BaseModel):
     start_char: int = Field(description="Offset of the chunk in the document's extracted text.")
     end_char: int
     text: str
-    score: float = Field(description="Cosine similarity to the question.")
+    score: float = Field(
+        description="What the mode ranks by: cosine similarity (dense), BM25 (keyword, "
+        "higher is better) or the reciprocal-rank-fusion score (hybrid)."
+    )
+    dense_score: float | None = Field(
+        None, description="Cosine similarity to the query; null in keyword mode."
+    )
+    keyword_score: float | None = Field(
+        None,
+        description="BM25 of the query's words (higher is better); null in dense mode or "
+        "when the chunk holds none of the words.",
+    )
+    dense_rank: int | None = Field(
+        None, description="Place among the dense candidates (1 = best); null outside them."
+    )
+    keyword_rank: int | None = Field(
+        None, description="Place among the keyword candidates (1 = best); null outside them."
+    )
 
     @classmethod
     def of(cls, s: SourceValue) -> SourceOut:
@@ -175,16 +242,21 @@ class SourceOut(BaseModel):
             end_char=s.end_char,
             text=s.text,
             score=s.score,
+            dense_score=s.dense_score,
+            keyword_score=s.keyword_score,
+            dense_rank=s.dense_rank,
+            keyword_rank=s.keyword_rank,
         )
 
 
 class RetrieveOut(BaseModel):
     results: list[SourceOut]
     timings: dict[str, float]
+    mode: RetrievalMode = Field(description="The retrieval mode used.")
 
     @classmethod
     def of(cls, r: Retrieval) -> RetrieveOut:
-        return cls(results=[SourceOut.of(s) for s in r.results], timings=r.timings)
+        return cls(results=[SourceOut.of(s) for s in r.results], timings=r.timings, mode=r.mode)
 
 
 class UsageOut(BaseModel):
@@ -211,10 +283,13 @@ class QueryOut(BaseModel):
     )
     invalid_citations: int = Field(description="Citations to sources never given, removed.")
     usage: UsageOut
-    timings: dict[str, float] = Field(description="Milliseconds: embed, search, generate, total.")
+    timings: dict[str, float] = Field(
+        description="Milliseconds: embed, dense, keyword, search, generate, total."
+    )
     model: str
     degraded: bool = Field(description="True when the model failed and only sources are returned.")
     degraded_reason: str | None
+    mode: RetrievalMode = Field(description="The retrieval mode used.")
 
     @classmethod
     def of(cls, a: Answer) -> QueryOut:
@@ -229,6 +304,7 @@ class QueryOut(BaseModel):
             model=a.model,
             degraded=a.degraded,
             degraded_reason=a.degraded_reason,
+            mode=a.mode,
         )
 
 

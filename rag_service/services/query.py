@@ -22,9 +22,17 @@ from rag_service.prompting import (
     pack_context,
     strip_invalid_citations,
 )
+from rag_service.retrieval import (
+    RankedChunk,
+    RetrievalMode,
+    Retriever,
+    check_filter,
+    check_mode,
+)
 from rag_service.services.validation import bounded_int, collection_name
 from rag_service.storage.catalog import Catalog
-from rag_service.storage.records import StoredChunk
+from rag_service.storage.filters import ChunkFilter
+from rag_service.storage.records import Collection
 from rag_service.storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,12 @@ class Source:
     start_char: int
     end_char: int
     text: str
+    #: What the mode ranked by: cosine (dense), BM25 (keyword) or RRF (hybrid).
     score: float
+    dense_score: float | None = None
+    keyword_score: float | None = None
+    dense_rank: int | None = None
+    keyword_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class Retrieval:
 
     results: list[Source]
     timings: dict[str, float]
+    mode: RetrievalMode = "dense"
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class Answer:
     #: "model": the answer's own ``[n]``; "inferred": matched from its words; "none".
     citation_mode: str = "none"
     extra: dict[str, object] = field(default_factory=dict)
+    mode: RetrievalMode = "dense"
 
 
 def _ms(start: float) -> float:
@@ -97,10 +112,15 @@ class QueryService:
         self.settings = settings
         self.max_answer_tokens = max_answer_tokens
         self.temperature = temperature
+        self.retriever = Retriever(
+            catalog=catalog, vectors=vectors, embedder=embedder, settings=settings
+        )
 
     # -- checks --------------------------------------------------------------
 
-    def _check(self, collection: str, text: str, top_k: int | None, what: str) -> int:
+    def _check(
+        self, collection: str, text: str, top_k: int | None, what: str
+    ) -> tuple[int, Collection]:
         collection_name(collection)
         if not text.strip():
             raise InvalidRequest(f"{what} is empty")
@@ -119,26 +139,13 @@ class QueryService:
                 f"collection {collection!r} was embedded with {coll.embed_model} but the "
                 f"service runs {self.embedder.model_id}"
             )
-        return k
+        return k, coll
 
     # -- retrieval -----------------------------------------------------------
 
-    def _ranked(
-        self, collection: str, query: str, k: int, timings: dict[str, float]
-    ) -> list[tuple[StoredChunk, float]]:
-        start = time.perf_counter()
-        vector = self.embedder.embed_query(query)
-        timings["embed_ms"] = _ms(start)
-        start = time.perf_counter()
-        # Ask for more than k: a chunk deleted between search and fetch is skipped.
-        hits = self.vectors.search(collection, vector, k + 8)
-        chunks = self.catalog.get_chunks([chunk_id for chunk_id, _ in hits])
-        ranked = [(chunks[cid], score) for cid, score in hits if cid in chunks][:k]
-        timings["search_ms"] = _ms(start)
-        return ranked
-
     @staticmethod
-    def _source(n: int, chunk: StoredChunk, score: float, text: str | None = None) -> Source:
+    def _source(n: int, hit: RankedChunk, text: str | None = None) -> Source:
+        chunk = hit.chunk
         return Source(
             n=n,
             chunk_id=chunk.id,
@@ -149,47 +156,94 @@ class QueryService:
             start_char=chunk.start_char,
             end_char=chunk.end_char,
             text=chunk.text if text is None else text,
-            score=round(score, 6),
+            score=round(hit.score, 6),
+            dense_score=None if hit.dense_score is None else round(hit.dense_score, 6),
+            keyword_score=None if hit.keyword_score is None else round(hit.keyword_score, 6),
+            dense_rank=hit.dense_rank,
+            keyword_rank=hit.keyword_rank,
         )
 
-    def retrieve(self, collection: str, query: str, top_k: int | None = None) -> Retrieval:
-        """The ``top_k`` chunks nearest to ``query``, best first; no model call."""
+    def retrieve(
+        self,
+        collection: str,
+        query: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: ChunkFilter | None = None,
+    ) -> Retrieval:
+        """The ``top_k`` best chunks for ``query``, best first; no model call.
+
+        ``mode`` is dense, keyword or hybrid (default: ``query.default_mode``);
+        ``filters`` restrict the chunks searched before ``top_k`` is cut.
+        """
         started = time.perf_counter()
-        k = self._check(collection, query, top_k, "query")
+        k, coll = self._check(collection, query, top_k, "query")
+        chosen = check_mode(mode, self.settings)
+        flt = check_filter(filters)
         timings: dict[str, float] = {}
-        ranked = self._ranked(collection, query, k, timings)
+        ranked = self.retriever.retrieve(
+            coll, query, top_k=k, mode=chosen, flt=flt, timings=timings
+        )
         timings["total_ms"] = _ms(started)
-        return Retrieval([self._source(i + 1, c, s) for i, (c, s) in enumerate(ranked)], timings)
+        return Retrieval(
+            [self._source(i + 1, hit) for i, hit in enumerate(ranked)], timings, chosen
+        )
 
     # -- answering -----------------------------------------------------------
 
-    def ask(self, collection: str, question: str, top_k: int | None = None) -> Answer:
-        """Answer ``question`` from the collection's best chunks, citing them."""
+    def ask(
+        self,
+        collection: str,
+        question: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: ChunkFilter | None = None,
+    ) -> Answer:
+        """Answer ``question`` from the collection's best chunks, citing them.
+
+        ``mode`` and ``filters`` choose the chunks as in ``retrieve``.
+        """
         started = time.perf_counter()
-        k = self._check(collection, question, top_k, "question")
+        k, coll = self._check(collection, question, top_k, "question")
+        chosen = check_mode(mode, self.settings)
+        flt = check_filter(filters)
         timings: dict[str, float] = {}
-        ranked = self._ranked(collection, question, k, timings)
+        ranked = self.retriever.retrieve(
+            coll, question, top_k=k, mode=chosen, flt=flt, timings=timings
+        )
         if not ranked:
             timings["generate_ms"] = 0.0
             timings["total_ms"] = _ms(started)
+            if self.catalog.chunk_count(coll.id) == 0:
+                why = f"The collection {collection!r} has no indexed documents."
+            elif flt is not None:
+                why = "No indexed chunk matches the filters."
+            else:
+                why = "No indexed chunk contains the question's words."
             return Answer(
-                answer=f"{NO_ANSWER} The collection {collection!r} has no indexed documents.",
+                answer=f"{NO_ANSWER} {why}",
                 sources=[],
                 citations=[],
                 invalid_citations=[],
                 usage=Usage(),
                 timings=timings,
                 model="",
+                mode=chosen,
             )
+        hits = {hit.chunk.id: hit for hit in ranked}
         model = self._chat_model()
         budget = min(
             self.settings.context_tokens,
             model.context_window - self.max_answer_tokens - 200,  # room for the instructions
         )
         packed = pack_context(
-            ranked, budget_tokens=max(64, budget), count_tokens=model.count_tokens
+            [(hit.chunk, hit.score) for hit in ranked],
+            budget_tokens=max(64, budget),
+            count_tokens=model.count_tokens,
         )
-        sources = [self._source(s.n, s.chunk, s.score, s.text) for s in packed]
+        sources = [self._source(s.n, hits[s.chunk.id], s.text) for s in packed]
         start = time.perf_counter()
         try:
             completion = model.complete(
@@ -214,13 +268,14 @@ class QueryService:
                 model=model.name,
                 degraded=True,
                 degraded_reason=f"{exc.code}: {exc.message}",
+                mode=chosen,
             )
         timings["generate_ms"] = _ms(start)
         text, citations, invalid = self._checked(completion.text, packed)
-        mode = "model" if citations else "none"
+        cited_by = "model" if citations else "none"
         if not citations and text != NO_ANSWER:
             citations = infer_citations(text, packed)
-            mode = "inferred" if citations else "none"
+            cited_by = "inferred" if citations else "none"
         timings["total_ms"] = _ms(started)
         return Answer(
             answer=text,
@@ -230,7 +285,8 @@ class QueryService:
             usage=completion.usage,
             timings=timings,
             model=completion.model or model.name,
-            citation_mode=mode,
+            citation_mode=cited_by,
+            mode=chosen,
         )
 
     @staticmethod

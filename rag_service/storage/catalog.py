@@ -20,18 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from rag_service.errors import CollectionNotFound, DocumentNotFound, EmbeddingMismatch
+from rag_service.storage.chunk_queries import ChunkQueries
 from rag_service.storage.records import (
     Collection,
     Document,
     NewChunk,
-    StoredChunk,
 )
 from rag_service.storage.schema import SCHEMA, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
+
+# The next acceptance number, evaluated inside the write transaction that uses it.
+_NEXT_SEQ = "(SELECT coalesce(max(accepted_seq), 0) + 1 FROM documents)"
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class Catalog:
+class Catalog(ChunkQueries):
     """Thread-safe access to ``catalog.sqlite3``; one connection per thread."""
 
     def __init__(self, path: Path) -> None:
@@ -254,15 +256,15 @@ class Catalog:
                     doc_id = existing["id"]
                     conn.execute(
                         "UPDATE documents SET status = 'queued', error = NULL, source = ?,"
-                        " metadata = ?, updated_at = ? WHERE id = ?",
+                        f" metadata = ?, updated_at = ?, accepted_seq = {_NEXT_SEQ} WHERE id = ?",
                         (incoming.source, json.dumps(incoming.metadata), now, doc_id),
                     )
                 else:
                     doc_id = new_id("doc")
                     conn.execute(
                         "INSERT INTO documents(id, collection_id, source, sha256, size,"
-                        " content_type, status, metadata, created_at, updated_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                        " content_type, status, metadata, accepted_seq, created_at, updated_at)"
+                        f" VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, {_NEXT_SEQ}, ?, ?)",
                         (
                             doc_id,
                             coll_id,
@@ -400,18 +402,30 @@ class Catalog:
     ) -> list[str] | None:
         """Write a document's chunks and mark it indexed, in one transaction.
 
-        Older documents with the same source name in the collection are
-        replaced in the same step.  Returns the blob hashes the replaced
-        documents freed, or None when the document was deleted meanwhile.
+        Versions accepted earlier under the same source name in the collection
+        are replaced in the same step.  If a version accepted later is already
+        indexed (another worker was faster), this one is dropped instead.
+        Returns the blob hashes freed, or None when the document was deleted
+        meanwhile.
         """
         now = time.time()
         with self.write() as conn:
             doc = conn.execute(
-                "SELECT collection_id, source FROM documents WHERE id = ?", (document_id,)
+                "SELECT collection_id, source, sha256, accepted_seq FROM documents WHERE id = ?",
+                (document_id,),
             ).fetchone()
             if doc is None:
                 return None
             coll_id = doc["collection_id"]
+            newer = conn.execute(
+                "SELECT id FROM documents WHERE collection_id = ? AND source = ? AND id != ?"
+                " AND status = 'indexed' AND accepted_seq > ? LIMIT 1",
+                (coll_id, doc["source"], document_id, doc["accepted_seq"]),
+            ).fetchone()
+            if newer is not None:
+                log.info("document superseded id=%s by=%s", document_id, newer["id"])
+                self._delete_documents(conn, coll_id, [document_id])
+                return [] if self._blob_used(conn, doc["sha256"]) else [doc["sha256"]]
             conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
             conn.executemany(
                 "INSERT INTO chunks(collection_id, document_id, ordinal, page, headings,"
@@ -437,8 +451,8 @@ class Catalog:
                 (r["id"], r["sha256"])
                 for r in conn.execute(
                     "SELECT id, sha256 FROM documents WHERE collection_id = ? AND source = ?"
-                    " AND id != ? AND status IN ('indexed', 'failed')",
-                    (coll_id, doc["source"], document_id),
+                    " AND id != ? AND status IN ('indexed', 'failed') AND accepted_seq < ?",
+                    (coll_id, doc["source"], document_id, doc["accepted_seq"]),
                 )
             ]
             if old:
@@ -455,91 +469,3 @@ class Catalog:
             )
             conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (coll_id,))
             return [sha for _, sha in old if not self._blob_used(conn, sha)]
-
-    # -- chunks and vectors --------------------------------------------------
-
-    def chunk_ids(self, collection_id: int) -> npt.NDArray[np.int64]:
-        """Every chunk id of a collection, ascending."""
-        rows = (
-            self.read()
-            .execute("SELECT id FROM chunks WHERE collection_id = ? ORDER BY id", (collection_id,))
-            .fetchall()
-        )
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-
-    def chunk_count(self, collection_id: int) -> int:
-        """How many chunks a collection holds."""
-        return int(
-            self.read()
-            .execute("SELECT count(*) FROM chunks WHERE collection_id = ?", (collection_id,))
-            .fetchone()[0]
-        )
-
-    def vectors_after(
-        self, collection_id: int, after_id: int, dim: int, *, batch: int = 4096
-    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-        """Chunk ids and vectors above ``after_id``, in ascending batches."""
-        last = after_id
-        while True:
-            rows = (
-                self.read()
-                .execute(
-                    "SELECT id, vector FROM chunks WHERE collection_id = ? AND id > ?"
-                    " ORDER BY id LIMIT ?",
-                    (collection_id, last, batch),
-                )
-                .fetchall()
-            )
-            if not rows:
-                return
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-            yield ids, vecs.reshape(len(rows), dim)
-            last = int(ids[-1])
-
-    def vectors_for(
-        self, ids: Sequence[int], dim: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Vectors of the given chunk ids (those that still exist)."""
-        found_ids: list[int] = []
-        blobs: list[bytes] = []
-        conn = self.read()
-        for start in range(0, len(ids), 500):
-            part = [int(i) for i in ids[start : start + 500]]
-            marks = ",".join("?" * len(part))
-            for row in conn.execute(
-                f"SELECT id, vector FROM chunks WHERE id IN ({marks}) ORDER BY id", part
-            ):
-                found_ids.append(row[0])
-                blobs.append(row[1])
-        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found_ids), dim)
-        return np.asarray(found_ids, dtype=np.int64), vecs
-
-    def get_chunks(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
-        """Chunks by id, joined with their documents; deleted ids are absent."""
-        out: dict[int, StoredChunk] = {}
-        conn = self.read()
-        for start in range(0, len(ids), 500):
-            part = [int(i) for i in ids[start : start + 500]]
-            marks = ",".join("?" * len(part))
-            for row in conn.execute(
-                "SELECT c.id, c.document_id, c.ordinal, c.page, c.headings, c.start_char,"
-                " c.end_char, c.text, d.source, d.content_type, d.metadata"
-                " FROM chunks c JOIN documents d ON d.id = c.document_id"
-                f" WHERE c.id IN ({marks})",
-                part,
-            ):
-                out[row["id"]] = StoredChunk(
-                    id=row["id"],
-                    document_id=row["document_id"],
-                    source=row["source"],
-                    ordinal=row["ordinal"],
-                    page=row["page"],
-                    headings=tuple(json.loads(row["headings"])),
-                    start_char=row["start_char"],
-                    end_char=row["end_char"],
-                    text=row["text"],
-                    content_type=row["content_type"],
-                    metadata=json.loads(row["metadata"]),
-                )
-        return out

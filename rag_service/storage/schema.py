@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS documents (
     chunk_count   INTEGER NOT NULL DEFAULT 0,
     error         TEXT,
     metadata      TEXT NOT NULL DEFAULT '{}',
+    -- order of acceptance (bumped when a failed document is uploaded again):
+    -- of two versions under one source name, the later accepted one wins
+    accepted_seq  INTEGER NOT NULL DEFAULT 0,
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL
 );

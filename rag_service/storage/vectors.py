@@ -7,7 +7,8 @@ Chunk ids are never reused, so that is all it takes.  Before every search the
 collection's change counter is compared with the one the index was synced
 at, so chunks committed or deleted by another process are seen at once.
 
-Snapshots are written to a temporary file, fsynced and renamed.
+Snapshots are written to a temporary file, fsynced and renamed; temporary
+files abandoned by writers killed mid-write are removed by a later writer.
 """
 
 from __future__ import annotations
@@ -36,6 +37,32 @@ def _faiss() -> Any:
     import faiss
 
     return faiss
+
+
+#: A temporary snapshot untouched for this long was left by a writer that died.
+STALE_TMP_S = 600.0
+
+
+def _has_duplicates(ids: npt.NDArray[np.int64]) -> bool:
+    return len(np.unique(ids)) != len(ids)
+
+
+def _remove_abandoned_tmp_files(folder: Path) -> None:
+    """Delete temporary snapshots left by processes killed while writing them.
+
+    Each is as large as the index, so a process that keeps crashing would
+    fill the disk.  Age decides, not the pid in the name: a writer in another
+    container has a pid this process cannot see, and a live writer keeps
+    touching its file.
+    """
+    cutoff = time.time() - STALE_TMP_S
+    for tmp in folder.glob(f".{SNAPSHOT_NAME}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                log.info("removed abandoned snapshot temp file path=%s", tmp)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
 
 
 @dataclass
@@ -81,6 +108,9 @@ class VectorStore:
                     index = None
             except RuntimeError:
                 log.warning("unreadable snapshot collection=%s; rebuilding", collection)
+                index = None
+            if index is not None and _has_duplicates(self._index_ids(index)):
+                log.warning("snapshot holds duplicate ids collection=%s; rebuilding", collection)
                 index = None
         if index is None:
             index = self._new_index(coll.dim)
@@ -143,6 +173,10 @@ class VectorStore:
                     ids, vecs = self.catalog.vectors_for(missing.tolist(), loaded.dim)
                     loaded.index.add_with_ids(vecs, ids)
                     added += len(ids)
+                    if len(ids):
+                        # chunks committed while this sync ran are among the holes;
+                        # without this the next sync would add them a second time
+                        loaded.max_id = max(loaded.max_id, int(ids.max()))
             loaded.version = version
             if added or removed:
                 loaded.dirty = True
@@ -197,14 +231,19 @@ class VectorStore:
                 return False
             path = self.snapshot_path(collection)
             path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned_tmp_files(path.parent)
             tmp = path.with_name(f".{SNAPSHOT_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
-            _faiss().write_index(loaded.index, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                _faiss().write_index(loaded.index, str(tmp))
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rag_service.storage.blobs import BlobStore
 from rag_service.storage.catalog import Catalog, IncomingFile
 from rag_service.storage.jobs import JobQueue
 from rag_service.storage.records import NewChunk
-from rag_service.storage.vectors import VectorStore
+from rag_service.storage.vectors import STALE_TMP_S, VectorStore
 
 DIM = 8
 
@@ -186,3 +187,66 @@ def test_blob_store_garbage_collection_spares_young_and_referenced_files(tmp_pat
     assert blobs.collect_garbage({used}) == 0  # too young: may be an upload in flight
     assert blobs.collect_garbage({used}, min_age_s=0) == 1
     assert blobs.path(used).exists() and not blobs.path(orphan).exists()
+
+
+def test_an_older_version_committed_late_never_replaces_a_newer_one(catalog: Catalog) -> None:
+    # two workers: the newer upload of a.txt is indexed first, the older one after it
+    _, (old,) = catalog.register_upload(
+        "c", "model", DIM, [IncomingFile("a.txt", "1" * 64, 1, None, {})]
+    )
+    _, (new,) = catalog.register_upload(
+        "c", "model", DIM, [IncomingFile("a.txt", "2" * 64, 1, None, {})]
+    )
+    catalog.commit_document(new.id, [chunk(0, 2)], pages=None, content_type="t")
+    catalog.commit_document(old.id, [chunk(0, 1)], pages=None, content_type="t")
+
+    docs, _ = catalog.list_documents("c")
+    assert [d.id for d in docs] == [new.id]
+    assert catalog.get_document("c", new.id).status == "indexed"
+    assert catalog.chunk_count(catalog.collection_version("c")[0]) == 1
+
+
+def test_a_commit_racing_a_catch_up_is_not_added_twice(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite3"
+    writer, reader = Catalog(path), Catalog(path)  # another process commits mid-sync
+    try:
+        add_document(writer, "a.txt", [1, 2])
+        store = VectorStore(reader, tmp_path)
+        store.size("c")
+        add_document(writer, "b.txt", [3])
+        count = reader.chunk_count
+        racing = [lambda: add_document(writer, "x.txt", [4, 5])]
+
+        def commit_first(collection_id: int) -> int:
+            while racing:  # lands after the new ids were read, before the count
+                racing.pop()()
+            return count(collection_id)
+
+        reader.chunk_count = commit_first  # type: ignore[method-assign]
+        assert len(store.ids("c")) == 5
+        add_document(writer, "y.txt", [6])
+        ids = store.ids("c")
+        assert list(ids) == list(reader.chunk_ids(reader.collection_version("c")[0]))
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_snapshot_temp_files_of_killed_writers_are_ignored_then_removed(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    add_document(catalog, "a.txt", [1, 2])
+    folder = tmp_path / "c"
+    folder.mkdir()
+    abandoned = folder / ".vectors.faiss.4242.1.tmp"
+    abandoned.write_bytes(b"half a snapshot")
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(abandoned, (old, old))
+    recent = folder / ".vectors.faiss.4343.1.tmp"  # may be a writer at work right now
+    recent.write_bytes(b"being written")
+
+    store = VectorStore(catalog, tmp_path)
+    assert store.size("c") == 2  # the loader never reads temp files
+    assert store.snapshot("c")
+    assert not abandoned.exists() and recent.exists()
+    assert VectorStore(catalog, tmp_path).size("c") == 2

@@ -27,12 +27,26 @@ def query(body: QueryIn, service: QueryDep) -> QueryOut:
     The response holds every source the model was given, the numbers the
     answer cites (citations to sources never given are removed and counted),
     token usage and per-stage timings.  When the model fails the answer
-    degrades to the sources with `degraded: true`.
+    degrades to the sources with `degraded: true`.  `mode` and `filters`
+    choose the sources as in `/v1/retrieve`.
     """
-    return QueryOut.of(service.ask(body.collection, body.question, body.top_k))
+    filters = body.filters.to_value() if body.filters else None
+    return QueryOut.of(
+        service.ask(body.collection, body.question, body.top_k, mode=body.mode, filters=filters)
+    )
 
 
 @router.post("/retrieve", response_model=RetrieveOut, responses=ERRORS)
 def retrieve(body: RetrieveIn, service: QueryDep) -> RetrieveOut:
-    """The chunks nearest to a query, best first, without calling the model."""
-    return RetrieveOut.of(service.retrieve(body.collection, body.query, body.top_k))
+    """The best chunks for a query, best first, without calling the model.
+
+    `mode` picks dense (embeddings), keyword (BM25) or hybrid (both, fused by
+    reciprocal rank; the default).  Each result shows the score it was ranked
+    by and both signals' scores and ranks, so you can see why it came up.
+    `filters` restrict the search to documents, file names, file types, a page
+    range or upload metadata, before `top_k` is cut.
+    """
+    filters = body.filters.to_value() if body.filters else None
+    return RetrieveOut.of(
+        service.retrieve(body.collection, body.query, body.top_k, mode=body.mode, filters=filters)
+    )
