@@ -158,13 +158,29 @@ class RagClient:
                 raise calls.job_timeout(job, timeout_s)
             time.sleep(min(poll_s, remaining))
 
-    def query(self, collection: str, question: str, top_k: int | None = None) -> QueryOut:
+    def query(
+        self,
+        collection: str,
+        question: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+    ) -> QueryOut:
         """Answer a question from a collection, with its sources and citations."""
-        return self._send(calls.query(collection, question, top_k))
+        return self._send(calls.query(collection, question, top_k, mode, filters))
 
-    def retrieve(self, collection: str, query: str, top_k: int | None = None) -> RetrieveOut:
+    def retrieve(
+        self,
+        collection: str,
+        query: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+    ) -> RetrieveOut:
         """The chunks nearest to ``query``, best first, without calling the model."""
-        return self._send(calls.retrieve(collection, query, top_k))
+        return self._send(calls.retrieve(collection, query, top_k, mode, filters))
 
     def list_collections(self) -> list[CollectionOut]:
         """Every collection with its document and chunk counts."""
@@ -291,13 +307,29 @@ class AsyncRagClient:
                 raise calls.job_timeout(job, timeout_s)
             await asyncio.sleep(min(poll_s, remaining))
 
-    async def query(self, collection: str, question: str, top_k: int | None = None) -> QueryOut:
+    async def query(
+        self,
+        collection: str,
+        question: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+    ) -> QueryOut:
         """See ``RagClient.query``."""
-        return await self._send(calls.query(collection, question, top_k))
+        return await self._send(calls.query(collection, question, top_k, mode, filters))
 
-    async def retrieve(self, collection: str, query: str, top_k: int | None = None) -> RetrieveOut:
+    async def retrieve(
+        self,
+        collection: str,
+        query: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+    ) -> RetrieveOut:
         """See ``RagClient.retrieve``."""
-        return await self._send(calls.retrieve(collection, query, top_k))
+        return await self._send(calls.retrieve(collection, query, top_k, mode, filters))
 
     async def list_collections(self) -> list[CollectionOut]:
         """See ``RagClient.list_collections``."""

@@ -264,15 +264,39 @@ def _question(path: str, parse: Callable[[httpx.Response], T], **body: Any) -> C
     return Call("POST", path, parse, json={k: v for k, v in body.items() if v is not None})
 
 
-def query(collection: str, question: str, top_k: int | None) -> Call[QueryOut]:
+def query(
+    collection: str,
+    question: str,
+    top_k: int | None,
+    mode: str | None = None,
+    filters: Mapping[str, Any] | None = None,
+) -> Call[QueryOut]:
     return _question(
-        "/v1/query", _model(QueryOut), collection=collection, question=question, top_k=top_k
+        "/v1/query",
+        _model(QueryOut),
+        collection=collection,
+        question=question,
+        top_k=top_k,
+        mode=mode,
+        filters=dict(filters) if filters else None,
     )
 
 
-def retrieve(collection: str, query: str, top_k: int | None) -> Call[RetrieveOut]:
+def retrieve(
+    collection: str,
+    query: str,
+    top_k: int | None,
+    mode: str | None = None,
+    filters: Mapping[str, Any] | None = None,
+) -> Call[RetrieveOut]:
     return _question(
-        "/v1/retrieve", _model(RetrieveOut), collection=collection, query=query, top_k=top_k
+        "/v1/retrieve",
+        _model(RetrieveOut),
+        collection=collection,
+        query=query,
+        top_k=top_k,
+        mode=mode,
+        filters=dict(filters) if filters else None,
     )
 
 

@@ -170,6 +170,23 @@ def test_sync_client_uploads_text_with_metadata(live: LiveServer) -> None:
         assert rag.retrieve("notes", "car park").results[0].document_id == document.id
 
 
+def test_mode_and_filters_reach_the_server(live: LiveServer, notes_path: Path) -> None:
+    with RagClient(live.url) as rag:
+        receipt = rag.upload_files("museum", [notes_path, ("guide.pdf", make_pdf(PAGES))])
+        rag.wait_for_job(receipt.job_id, poll_s=0.05)
+
+        only_pdf = rag.retrieve(
+            "museum", "parking", top_k=5, mode="keyword", filters={"file_types": ["pdf"]}
+        )
+        assert only_pdf.mode == "keyword"
+        assert {r.source for r in only_pdf.results} <= {"guide.pdf"}
+        answer = rag.query("museum", "ticket price?", mode="dense", filters={"page_from": 2})
+        assert answer.mode == "dense"
+        assert all((s.page or 0) >= 2 for s in answer.sources)
+        with pytest.raises(InvalidRequest):
+            rag.retrieve("museum", "x", filters={"colour": "red"})
+
+
 def test_one_path_or_one_pair_is_accepted_without_a_list(
     live: LiveServer, notes_path: Path
 ) -> None:
