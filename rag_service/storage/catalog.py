@@ -63,10 +63,28 @@ class Catalog(ChunkQueries):
         self._lock = threading.Lock()
         conn = self._conn()
         conn.executescript(SCHEMA)
-        conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
+        self._migrate(conn)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Bring a catalog written by an older version up to ``SCHEMA_VERSION``."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if "accepted_seq" not in columns:  # version 1 -> 2
+                conn.execute(
+                    "ALTER TABLE documents ADD COLUMN accepted_seq INTEGER NOT NULL DEFAULT 0"
+                )
+                conn.execute("UPDATE documents SET accepted_seq = rowid")
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -- connections ---------------------------------------------------------
 

@@ -250,3 +250,37 @@ def test_snapshot_temp_files_of_killed_writers_are_ignored_then_removed(
     assert store.snapshot("c")
     assert not abandoned.exists() and recent.exists()
     assert VectorStore(catalog, tmp_path).size("c") == 2
+
+
+def test_a_catalog_from_before_accepted_seq_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "catalog.sqlite3"
+    Catalog(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE documents DROP COLUMN accepted_seq")  # as version 1 wrote it
+    conn.execute(
+        "INSERT INTO collections(name, embed_model, dim, created_at) VALUES ('c', 'model', 8, 0)"
+    )
+    conn.execute(
+        "INSERT INTO documents(id, collection_id, source, sha256, size, status, created_at,"
+        " updated_at) VALUES ('doc_old', 1, 'a.txt', ?, 1, 'indexed', 0, 0)",
+        ("1" * 64,),
+    )
+    conn.commit()
+    conn.close()
+
+    catalog = Catalog(path)
+    try:
+        version = (
+            catalog.read()
+            .execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            .fetchone()[0]
+        )
+        assert version == "2"
+        # a new version of a.txt still replaces the migrated one
+        new = add_document(catalog, "a.txt", [3])
+        docs, _ = catalog.list_documents("c")
+        assert [d.id for d in docs] == [new]
+    finally:
+        catalog.close()
