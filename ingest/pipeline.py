@@ -13,7 +13,7 @@ from ingest.chunking import Chunker
 from ingest.loaders import load_document
 from rag_service.config import IngestSettings
 from rag_service.embedding import Embedder
-from rag_service.storage.blobs import BlobStore
+from rag_service.storage.blobs import BlobStore, release_blobs
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.records import Document, NewChunk
 
@@ -90,7 +90,7 @@ class IngestPipeline:
             title=loaded.title,
         )
         if freed:
-            self.blobs.delete(freed)
+            release_blobs(self.blobs, self.catalog, freed)
         seconds = time.perf_counter() - started
         log.info(
             "document indexed id=%s source=%s chunks=%d pages=%s seconds=%.2f",

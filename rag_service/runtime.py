@@ -26,7 +26,7 @@ from rag_service.llm.base import ChatModel
 from rag_service.llm.factory import create_chat_model
 from rag_service.services.documents import DocumentService, Inspector
 from rag_service.services.query import QueryService
-from rag_service.storage.blobs import BlobStore
+from rag_service.storage.blobs import BlobStore, release_blobs
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.jobs import JobQueue
 from rag_service.storage.records import Job
@@ -94,6 +94,8 @@ class Runtime:
             max_answer_tokens=settings.llm.max_tokens,
             temperature=settings.llm.temperature,
         )
+        # Finish removals a crash interrupted, then sweep stale partial uploads.
+        release_blobs(self.blobs, self.catalog, self.catalog.pending_freed_blobs())
         self.blobs.collect_garbage(self.catalog.referenced_blobs())
 
     @classmethod

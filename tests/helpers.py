@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from fastapi.testclient import TestClient
 
+from rag_service.embedding import Embedder, Vectors
 from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
 
 DATA = Path(__file__).parent / "data"
@@ -89,3 +92,24 @@ def make_encrypted_pdf(text: str) -> bytes:
         owner_password="owner", user_password="secret", encryption_method=EncryptionMethod.AES_128
     )
     return bytes(pdf.output())
+
+
+class HashEmbedder(Embedder):
+    """Deterministic vectors from text hashes; raises on texts containing BOOM."""
+
+    model_id = "hash-embedder"
+    dim = 16
+    max_seq_length = 256
+
+    def embed_batch(self, texts: Sequence[str]) -> Vectors:
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("the embedder blew up")
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.vstack(rows)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())

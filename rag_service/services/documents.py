@@ -17,7 +17,7 @@ from typing import Any
 from rag_service.config import IngestSettings
 from rag_service.errors import DocumentError, EmptyDocument, InvalidRequest, RagError
 from rag_service.services.validation import collection_name, source_name
-from rag_service.storage.blobs import BlobStore, BlobWriter
+from rag_service.storage.blobs import BlobStore, BlobWriter, release_blobs
 from rag_service.storage.catalog import Catalog, IncomingFile
 from rag_service.storage.jobs import JobQueue
 from rag_service.storage.records import Collection, Document, Job
@@ -271,7 +271,7 @@ class DocumentService:
         """Remove a document: its chunks, vectors, keyword rows and blob."""
         freed = self.catalog.delete_document(collection_name(collection), document_id)
         if freed:
-            self.blobs.delete([freed])
+            release_blobs(self.blobs, self.catalog, [freed])
         if self.vectors is not None:
             try:
                 self.vectors.sync(collection)
@@ -281,6 +281,6 @@ class DocumentService:
     def delete_collection(self, collection: str) -> None:
         """Remove a collection with everything in it."""
         freed = self.catalog.delete_collection(collection_name(collection))
-        self.blobs.delete(freed)
+        release_blobs(self.blobs, self.catalog, freed)
         if self.vectors is not None:
             self.vectors.drop(collection)

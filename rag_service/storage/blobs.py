@@ -8,11 +8,14 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from rag_service.errors import DocumentTooLarge, NotFound
+
+if TYPE_CHECKING:
+    from rag_service.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class BlobWriter:
         sha = self._hash.hexdigest()
         target = self._store.path(sha)
         if target.exists():
+            # Same bytes already stored: keep that file, but mark it young so the
+            # start-up sweep of old unreferenced blobs spares it until registered.
+            os.utime(target)
             self.tmp_path.unlink(missing_ok=True)
         else:
             os.replace(self.tmp_path, target)
@@ -121,10 +127,15 @@ class BlobStore:
         except FileNotFoundError as exc:
             raise NotFound(f"the original file {sha256} is missing from the blob store") from exc
 
-    def delete(self, sha256s: Iterable[str]) -> None:
-        """Remove blobs no document refers to any more."""
+    def delete(self, sha256s: Iterable[str]) -> list[str]:
+        """Remove blobs no document refers to any more; returns the hashes removed."""
+        removed = []
         for sha in sha256s:
             self.path(sha).unlink(missing_ok=True)
+            removed.append(sha)
+        if removed:
+            self.fsync_dir()
+        return removed
 
     def fsync_dir(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
@@ -157,3 +168,9 @@ class BlobStore:
         if removed:
             log.info("blob gc removed=%d", removed)
         return removed
+
+
+def release_blobs(blobs: BlobStore, catalog: Catalog, shas: Sequence[str]) -> None:
+    """Unlink blobs a committed transaction freed, then clear their journal entries."""
+    if shas:
+        catalog.blobs_removed(blobs.delete(shas))

@@ -220,7 +220,7 @@ class Catalog(ChunkQueries):
                 " lease_until = NULL WHERE collection = ? AND status IN ('queued', 'running')",
                 (f"collection {name!r} was deleted", now, name),
             )
-            return [sha for sha in shas if not self._blob_used(conn, sha)]
+            return self._free_blobs(conn, shas)
 
     # -- documents -----------------------------------------------------------
 
@@ -262,6 +262,7 @@ class Catalog(ChunkQueries):
             documents: list[Document] = []
             queued: list[str] = []
             for incoming in files:
+                conn.execute("DELETE FROM freed_blobs WHERE sha256 = ?", (incoming.sha256,))
                 existing = conn.execute(
                     "SELECT * FROM documents WHERE collection_id = ? AND sha256 = ?"
                     " ORDER BY created_at DESC LIMIT 1",
@@ -376,7 +377,8 @@ class Catalog(ChunkQueries):
                 )
             self._delete_documents(conn, coll["id"], [document_id])
             sha: str = row["sha256"]
-            return None if self._blob_used(conn, sha) else sha
+            freed = self._free_blobs(conn, [sha])
+            return freed[0] if freed else None
 
     def _delete_documents(
         self, conn: sqlite3.Connection, collection_id: int, document_ids: Sequence[str]
@@ -385,6 +387,34 @@ class Catalog(ChunkQueries):
             conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
             conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
         conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+
+    def _free_blobs(self, conn: sqlite3.Connection, shas: Sequence[str]) -> list[str]:
+        """The hashes no document uses any more, journalled in the same transaction.
+
+        The journal survives a crash between this commit and the unlink, so
+        the blob is removed at the next start instead of lingering.
+        """
+        freed = [sha for sha in dict.fromkeys(shas) if not self._blob_used(conn, sha)]
+        conn.executemany(
+            "INSERT OR IGNORE INTO freed_blobs(sha256) VALUES (?)", [(sha,) for sha in freed]
+        )
+        return freed
+
+    def blobs_removed(self, shas: Sequence[str]) -> None:
+        """Clear the journal entries of blobs whose files are gone."""
+        with self.write() as conn:
+            conn.executemany("DELETE FROM freed_blobs WHERE sha256 = ?", [(s,) for s in shas])
+
+    def pending_freed_blobs(self) -> list[str]:
+        """Freed blobs whose removal a crash may have interrupted, still unreferenced."""
+        conn = self.read()
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT f.sha256 FROM freed_blobs f WHERE NOT EXISTS"
+                " (SELECT 1 FROM documents d WHERE d.sha256 = f.sha256)"
+            )
+        ]
 
     @staticmethod
     def _blob_used(conn: sqlite3.Connection, sha256: str) -> bool:
@@ -443,7 +473,7 @@ class Catalog(ChunkQueries):
             if newer is not None:
                 log.info("document superseded id=%s by=%s", document_id, newer["id"])
                 self._delete_documents(conn, coll_id, [document_id])
-                return [] if self._blob_used(conn, doc["sha256"]) else [doc["sha256"]]
+                return self._free_blobs(conn, [doc["sha256"]])
             conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
             conn.executemany(
                 "INSERT INTO chunks(collection_id, document_id, ordinal, page, headings,"
@@ -486,4 +516,4 @@ class Catalog(ChunkQueries):
                 (*params, document_id),
             )
             conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (coll_id,))
-            return [sha for _, sha in old if not self._blob_used(conn, sha)]
+            return self._free_blobs(conn, [sha for _, sha in old])

@@ -73,6 +73,11 @@ CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
 END;
 
+-- Blobs freed by a committed delete or replace, until their files are gone.
+CREATE TABLE IF NOT EXISTS freed_blobs (
+    sha256 TEXT PRIMARY KEY
+);
+
 CREATE TABLE IF NOT EXISTS jobs (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     id           TEXT NOT NULL UNIQUE,

@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from rag_service.config import Settings
-from rag_service.embedding import Embedder, Vectors
 from rag_service.runtime import Runtime
-from tests.helpers import ScriptedChatModel
-
-
-class HashEmbedder(Embedder):
-    """Deterministic vectors from text hashes; raises on texts containing BOOM."""
-
-    model_id = "hash-embedder"
-    dim = 16
-    max_seq_length = 256
-
-    def embed_batch(self, texts: Sequence[str]) -> Vectors:
-        if any("BOOM" in t for t in texts):
-            raise RuntimeError("the embedder blew up")
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.vstack(rows)
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
+from tests.helpers import HashEmbedder, ScriptedChatModel
 
 
 def test_a_crash_inside_one_document_fails_it_and_the_worker_goes_on(tmp_path: Path) -> None:
@@ -66,3 +40,31 @@ def test_a_document_deleted_before_its_turn_is_skipped(tmp_path: Path) -> None:
         assert job.status == "succeeded"
         assert job.progress.documents_done == 2
         assert rt.vectors.size("c") == 1
+
+
+def test_a_blob_freed_by_a_delete_interrupted_by_a_crash_is_removed_at_start(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
+        receipt = rt.documents.add_bytes("c", [("a.txt", b"alpha"), ("b.txt", b"beta")])
+        rt.make_worker().run_once()
+        gone = receipt.documents[0]
+        # the delete commits, then the process dies before unlinking the file
+        assert rt.catalog.delete_document("c", gone.id) == gone.sha256
+        assert rt.blobs.path(gone.sha256).exists()
+
+    with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
+        assert not rt.blobs.path(gone.sha256).exists()
+        assert rt.blobs.path(receipt.documents[1].sha256).exists()
+        assert rt.catalog.pending_freed_blobs() == []
+
+
+def test_bytes_uploaded_again_after_a_delete_are_not_removed_at_start(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
+        first = rt.documents.add_bytes("c", [("a.txt", b"alpha")]).documents[0]
+        rt.catalog.delete_document("c", first.id)  # crash before the unlink
+        again = rt.documents.add_bytes("c", [("a.txt", b"alpha")]).documents[0]
+    with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
+        assert rt.blobs.path(again.sha256).exists()
