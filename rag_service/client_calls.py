@@ -7,14 +7,11 @@ that ``RagClient`` sends with ``httpx.Client`` and ``AsyncRagClient`` with
 
 from __future__ import annotations
 
-import email.utils
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeAlias, TypeVar
 from urllib.parse import quote
@@ -46,6 +43,7 @@ from rag_service.errors import (
     ServiceUnavailable,
     UnsupportedDocument,
 )
+from rag_service.httputil import parse_retry_after
 
 FINISHED = frozenset({"succeeded", "failed"})
 
@@ -90,25 +88,6 @@ def error_classes() -> dict[str, type[RagError]]:
         found.setdefault(cls.code, cls)
         pending.extend(cls.__subclasses__())
     return found
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
-    if not value or not value.strip():
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 def error_from_response(response: httpx.Response) -> RagError:

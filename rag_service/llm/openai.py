@@ -17,13 +17,11 @@ How a failure ends up, once retries are spent or the deadline is reached:
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -36,6 +34,7 @@ from rag_service.errors import (
     ModelTimeout,
     ModelUnavailable,
 )
+from rag_service.httputil import parse_retry_after
 from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
 
 logger = logging.getLogger(__name__)
@@ -291,25 +290,6 @@ class OpenAIChatModel(ChatModel):
 
 
 # -- parsing helpers ----------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header asks to wait (delta seconds or an HTTP date)."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = now or datetime.now(UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 def _read_before(response: httpx.Response, deadline: float) -> bytes:
