@@ -28,7 +28,7 @@ from rag_service.storage.records import (
     Document,
     NewChunk,
 )
-from rag_service.storage.schema import SCHEMA, SCHEMA_VERSION
+from rag_service.storage.schema import SCHEMA, migrate
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +63,7 @@ class Catalog(ChunkQueries):
         self._lock = threading.Lock()
         conn = self._conn()
         conn.executescript(SCHEMA)
-        self._migrate(conn)
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        """Bring a catalog written by an older version up to ``SCHEMA_VERSION``."""
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if "accepted_seq" not in columns:  # version 1 -> 2
-                conn.execute(
-                    "ALTER TABLE documents ADD COLUMN accepted_seq INTEGER NOT NULL DEFAULT 0"
-                )
-                conn.execute("UPDATE documents SET accepted_seq = rowid")
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        migrate(conn)
 
     # -- connections ---------------------------------------------------------
 

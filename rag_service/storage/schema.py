@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 SCHEMA_VERSION = 2
 
 SCHEMA = """
@@ -107,3 +109,22 @@ CREATE TABLE IF NOT EXISTS job_documents (
 );
 CREATE INDEX IF NOT EXISTS job_documents_by_document ON job_documents(document_id);
 """
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a catalog written by an older version up to ``SCHEMA_VERSION``."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if "accepted_seq" not in columns:  # version 1 -> 2
+            conn.execute("ALTER TABLE documents ADD COLUMN accepted_seq INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE documents SET accepted_seq = rowid")
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
