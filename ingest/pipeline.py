@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -72,19 +72,7 @@ class IngestPipeline:
         report("indexing", total, total)
         freed = self.catalog.commit_document(
             document.id,
-            [
-                NewChunk(
-                    ordinal=c.ordinal,
-                    text=c.text,
-                    page=c.page,
-                    headings=c.headings,
-                    start_char=c.start_char,
-                    end_char=c.end_char,
-                    token_count=c.token_count,
-                    vector=vectors[i],
-                )
-                for i, c in enumerate(chunks)
-            ],
+            [NewChunk(**asdict(c), vector=vectors[i]) for i, c in enumerate(chunks)],
             pages=loaded.pages,
             content_type=loaded.content_type,
             title=loaded.title,

@@ -117,15 +117,6 @@ class ContextSource:
     text: str
     truncated: bool = False
 
-    @property
-    def label(self) -> str:
-        where = self.chunk.source
-        if self.chunk.page is not None:
-            where += f", page {self.chunk.page}"
-        if self.chunk.headings:
-            where += f", section {' > '.join(self.chunk.headings)}"
-        return where
-
 
 def _cut_at_sentence(text: str, max_chars: int) -> str:
     """The longest prefix of whole sentences within ``max_chars``."""

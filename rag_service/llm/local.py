@@ -228,17 +228,7 @@ class LocalChatModel(ChatModel):
         with self._gate.turn():
             self._check_open()
             started = time.perf_counter()
-            try:
-                result = self._llama.create_chat_completion(
-                    messages=_as_dicts(messages),
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    stop=list(stop) if stop else None,
-                    repeat_penalty=self._repeat_penalty,
-                    stream=False,
-                )
-            except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"local model failed: {exc}") from exc
+            result = self._generate(messages, max_tokens, temperature, stop, stream=False)
             elapsed = time.perf_counter() - started
         choice = result["choices"][0]
         raw_usage = result.get("usage") or {}
@@ -307,6 +297,28 @@ class LocalChatModel(ChatModel):
 
     # -- internals ---------------------------------------------------------------
 
+    def _generate(
+        self,
+        messages: Sequence[ChatMessage],
+        max_tokens: int,
+        temperature: float,
+        stop: Sequence[str] | None,
+        *,
+        stream: bool,
+    ) -> Any:
+        """The one call into llama.cpp; its errors become ``ModelError``."""
+        try:
+            return self._llama.create_chat_completion(
+                messages=_as_dicts(messages),
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stop=list(stop) if stop else None,
+                repeat_penalty=self._repeat_penalty,
+                stream=stream,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"local model failed: {exc}") from exc
+
     def _stream(
         self,
         messages: list[ChatMessage],
@@ -319,17 +331,7 @@ class LocalChatModel(ChatModel):
         with self._gate.turn():
             self._check_open()
             started = time.perf_counter()
-            try:
-                chunks = self._llama.create_chat_completion(
-                    messages=_as_dicts(messages),
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    stop=list(stop) if stop else None,
-                    repeat_penalty=self._repeat_penalty,
-                    stream=True,
-                )
-            except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"local model failed: {exc}") from exc
+            chunks = self._generate(messages, max_tokens, temperature, stop, stream=True)
             pieces: list[str] = []
             finish_reason: str | None = None
             try:

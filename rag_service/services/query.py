@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rag_service.config import QuerySettings
 from rag_service.embedding import Embedder
@@ -83,7 +83,6 @@ class Answer:
     degraded_reason: str | None = None
     #: "model": the answer's own ``[n]``; "inferred": matched from its words; "none".
     citation_mode: str = "none"
-    extra: dict[str, object] = field(default_factory=dict)
     mode: RetrievalMode = "dense"
 
 

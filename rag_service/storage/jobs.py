@@ -146,12 +146,3 @@ class JobQueue:
                 " lease_until = NULL WHERE id = ? AND worker = ? AND status = 'running'",
                 ("failed" if error else "succeeded", error, time.time(), job_id, worker),
             )
-
-    def counts(self) -> dict[str, int]:
-        """Jobs by status."""
-        rows = (
-            self.catalog.read()
-            .execute("SELECT status, count(*) FROM jobs GROUP BY status")
-            .fetchall()
-        )
-        return {r[0]: int(r[1]) for r in rows}
