@@ -12,7 +12,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
     RAG_DATA_DIR=/data \
     RAG_SERVER__HOST=0.0.0.0 \
-    RAG_SERVER__PORT=8000
+    RAG_SERVER__PORT=8000 \
+    RAG_AUTH__REQUIRED=true
+# Listening beyond loopback, every /v1 request needs a key; make the first with
+#   docker exec <container> rag keys create --collections '*' --scope admin
+# (/healthz, /readyz and /metrics stay open for probes and scrapers).
 
 WORKDIR /app
 # torch first, from the CPU wheel index, so the pinned 2.13.0 is the CPU build.

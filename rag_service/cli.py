@@ -1,12 +1,15 @@
-"""The ``rag`` command: serve, worker, ingest, ask, config."""
+"""The ``rag`` command: serve, worker, ingest, ask, eval, keys, config."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rag_service.config import Settings
 from rag_service.errors import RagError
+from rag_service.evaluation.command import eval_command
 from rag_service.runtime import Runtime
+from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter, MetadataCondition, MetadataScalar
+from rag_service.storage.keys import KeyStore
 from rag_service.storage.records import Job
 
 app = typer.Typer(
@@ -224,6 +230,15 @@ def ask(
         list[str] | None,
         typer.Option("--meta", help="Upload metadata KEY=VALUE that must match (repeatable)."),
     ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="direct, cot, self_consistency or reflect (default RAG_QUERY__DEFAULT_STRATEGY)."
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="Answers self_consistency votes over.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full response.")] = False,
 ) -> None:
     """Answer a question from a collection, then list the numbered sources."""
@@ -232,7 +247,15 @@ def ask(
     _logging("WARNING")
     try:
         with Runtime.open(settings) as runtime:
-            answer = runtime.query.ask(collection, question, top_k, mode=mode, filters=filters)
+            answer = runtime.query.ask(
+                collection,
+                question,
+                top_k,
+                mode=mode,
+                filters=filters,
+                strategy=strategy,
+                samples=samples,
+            )
     except RagError as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -240,9 +263,22 @@ def ask(
 
         out.print_json(QueryOut.of(answer).model_dump_json())
         return
+    if answer.reasoning:
+        err.print(f"Reasoning: {answer.reasoning}\n", style="dim", highlight=False, markup=False)
     out.print(answer.answer, highlight=False, markup=False)
     if answer.degraded:
         err.print(f"[yellow]degraded:[/yellow] {answer.degraded_reason}", highlight=False)
+    for removed in answer.unsupported:
+        err.print(f"removed as unsupported: {removed}", style="dim", highlight=False, markup=False)
+    cost = answer.cost
+    agreement = "" if answer.agreement is None else f", agreement {answer.agreement:.0%}"
+    err.print(
+        f"{answer.strategy}: {cost.calls} model call(s), {cost.prompt_tokens}+"
+        f"{cost.completion_tokens} tokens, {cost.ms / 1000:.1f} s{agreement}",
+        style="dim",
+        highlight=False,
+        markup=False,
+    )
     if answer.sources:
         out.print("\nSources:")
     for source_ in answer.sources:
@@ -259,6 +295,75 @@ def ask(
             highlight=False,
             markup=False,
         )
+
+
+app.command("eval")(eval_command)
+
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@contextlib.contextmanager
+def _key_store() -> Iterator[KeyStore]:
+    catalog = Catalog(_settings().data_dir / "catalog.sqlite3")
+    try:
+        yield KeyStore(catalog)
+    finally:
+        catalog.close()
+
+
+@keys_app.command("create")
+def keys_create(
+    collections: Annotated[
+        str, typer.Option(help='Comma-separated collections the key reaches, or "*" for all.')
+    ],
+    scope: Annotated[
+        str, typer.Option(help="read (ask, retrieve), write (also upload, delete) or admin.")
+    ] = "read",
+    name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "",
+) -> None:
+    """Create a key and print it once: only its hash is kept."""
+    try:
+        with _key_store() as store:
+            key, secret = store.create(name, scope, collections.split(","))
+    except RagError as exc:
+        raise _fail(exc) from exc
+    err.print(
+        f"key {key.id} ({key.scope}; collections {', '.join(key.collections)}) - "
+        "store it now, it cannot be shown again:",
+        highlight=False,
+    )
+    out.print(secret, highlight=False, markup=False)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every key with its scope, collections and state (never the secret)."""
+    with _key_store() as store:
+        keys = store.list()
+    if as_json:
+        out.print_json(json.dumps([dataclasses.asdict(k) for k in keys]))
+        return
+    for key in keys:
+        state = "revoked" if key.revoked_at is not None else "active"
+        out.print(
+            f"{key.id}  {state:7}  {key.scope:5}  {','.join(key.collections)}  {key.name}",
+            highlight=False,
+            markup=False,
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Stop a key from working, at once."""
+    try:
+        with _key_store() as store:
+            key = store.revoke(key_id)
+    except RagError as exc:
+        raise _fail(exc) from exc
+    err.print(f"revoked {key.id}", highlight=False)
 
 
 @app.command()

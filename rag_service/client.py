@@ -22,21 +22,22 @@ back to a class chosen by HTTP status, and a service that cannot be reached
 (refused, timed out) raises ``ServiceUnavailable``.  Routes, bodies and that
 mapping live in ``rag_service.client_calls``, written once for both clients.
 
-Not yet: streamed answers.  The server has no streaming endpoint yet; when
-``POST /v1/query`` learns ``stream: true`` the clients gain ``query_stream``
-(token events, then the final answer with its citations).
+``query_stream`` reads a streamed answer (Server-Sent Events, parsed by
+httpx-sse): the sources, the answer's tokens as the model writes them, then
+the checked answer with its citations; leaving the loop stops the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import httpx
+from httpx_sse import EventSource
 
 from rag_service import client_calls as calls
 from rag_service.api.schemas import (
@@ -51,7 +52,7 @@ from rag_service.api.schemas import (
     SourceOut,
     UploadResponse,
 )
-from rag_service.client_calls import FileInput
+from rag_service.client_calls import FileInput, StreamEvent
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -68,6 +69,7 @@ __all__ = [
     "Readiness",
     "RetrieveOut",
     "SourceOut",
+    "StreamEvent",
     "UploadResponse",
 ]
 
@@ -76,6 +78,8 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 T = TypeVar("T")
+
+SSE = {"Accept": "text/event-stream"}
 
 
 class RagClient:
@@ -166,9 +170,40 @@ class RagClient:
         *,
         mode: str | None = None,
         filters: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+        samples: int | None = None,
     ) -> QueryOut:
         """Answer a question from a collection, with its sources and citations."""
-        return self._send(calls.query(collection, question, top_k, mode, filters))
+        return self._send(
+            calls.query(collection, question, top_k, mode, filters, strategy, samples)
+        )
+
+    def query_stream(
+        self,
+        collection: str,
+        question: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+    ) -> Iterator[calls.StreamEvent]:
+        """Answer as it is written: a ``sources`` event, ``token`` events, then ``done``.
+
+        Leaving the loop early closes the connection, which stops the generation.
+        """
+        call = calls.query(collection, question, top_k, mode, filters, strategy, stream=True)
+        try:
+            with self._http.stream("POST", call.path, json=call.json, headers=SSE) as response:
+                if response.status_code != 200:
+                    response.read()
+                calls.stream_opened(call, response)
+                for sse in EventSource(response).iter_sse():
+                    event = calls.stream_event(sse.event, sse.data)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise calls.unreachable(self.base_url, exc) from exc
 
     def retrieve(
         self,
@@ -315,9 +350,39 @@ class AsyncRagClient:
         *,
         mode: str | None = None,
         filters: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+        samples: int | None = None,
     ) -> QueryOut:
         """See ``RagClient.query``."""
-        return await self._send(calls.query(collection, question, top_k, mode, filters))
+        return await self._send(
+            calls.query(collection, question, top_k, mode, filters, strategy, samples)
+        )
+
+    async def query_stream(
+        self,
+        collection: str,
+        question: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+    ) -> AsyncIterator[calls.StreamEvent]:
+        """See ``RagClient.query_stream``."""
+        call = calls.query(collection, question, top_k, mode, filters, strategy, stream=True)
+        try:
+            async with self._http.stream(
+                "POST", call.path, json=call.json, headers=SSE
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                calls.stream_opened(call, response)
+                async for sse in EventSource(response).aiter_sse():
+                    event = calls.stream_event(sse.event, sse.data)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise calls.unreachable(self.base_url, exc) from exc
 
     async def retrieve(
         self,

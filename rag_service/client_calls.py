@@ -11,9 +11,9 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Generic, TypeAlias, TypeVar
+from typing import Any, BinaryIO, Generic, Literal, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -30,6 +30,7 @@ from rag_service.api.schemas import (
     QueryOut,
     Readiness,
     RetrieveOut,
+    SourceOut,
     UploadResponse,
 )
 from rag_service.errors import (
@@ -249,6 +250,10 @@ def query(
     top_k: int | None,
     mode: str | None = None,
     filters: Mapping[str, Any] | None = None,
+    strategy: str | None = None,
+    samples: int | None = None,
+    *,
+    stream: bool = False,
 ) -> Call[QueryOut]:
     return _question(
         "/v1/query",
@@ -258,7 +263,47 @@ def query(
         top_k=top_k,
         mode=mode,
         filters=dict(filters) if filters else None,
+        strategy=strategy,
+        samples=samples,
+        stream=stream or None,
     )
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of a streamed answer.
+
+    ``kind`` is ``sources`` (the numbered sources, first), ``token`` (a piece
+    of the answer as the model writes it) or ``done`` (the checked answer,
+    as ``query`` returns it, last).
+    """
+
+    kind: Literal["sources", "token", "done"]
+    text: str = ""
+    sources: list[SourceOut] = field(default_factory=list)
+    answer: QueryOut | None = None
+
+
+def stream_event(event: str, data: str) -> StreamEvent | None:
+    """Read one Server-Sent Event of ``/v1/query``; None for kinds this client does not know."""
+    body = json.loads(data)
+    match event:
+        case "sources":
+            return StreamEvent("sources", sources=[SourceOut(**s) for s in body["sources"]])
+        case "token":
+            return StreamEvent("token", text=str(body["text"]))
+        case "done":
+            answer = QueryOut(**body)
+            return StreamEvent("done", text=answer.answer, answer=answer)
+    return None
+
+
+def stream_opened(call: Call[Any], response: httpx.Response) -> None:
+    """Raise the service's error if a streamed request was refused (its body is read)."""
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    ):
+        raise error_from_response(response)
 
 
 def retrieve(

@@ -82,6 +82,11 @@ class IngestSettings(BaseModel):
         50 * 1024 * 1024, ge=1, description="Largest accepted file, checked while uploading."
     )
     max_files_per_request: int = Field(64, ge=1, description="Files accepted in one upload.")
+    max_request_bytes: int = Field(
+        200 * 1024 * 1024,
+        ge=1,
+        description="Largest upload request (all its files together), checked while uploading.",
+    )
     max_pages: int = Field(5000, ge=1, description="PDFs with more pages are refused.")
     max_chars: int = Field(20_000_000, ge=1, description="Extracted text larger than this fails.")
     pdf_engine: Literal["pypdfium2", "pypdf"] = Field(
@@ -127,6 +132,37 @@ class QuerySettings(BaseModel):
         description="With filters that leave at most this many chunks, dense search scores "
         "exactly those chunks instead of over-fetching from the vector index.",
     )
+    rerank_model: str | None = Field(
+        None,
+        description="sentence-transformers CrossEncoder name or local path that reorders the "
+        "fused candidates (off when unset; no cross-encoder ships on PyPI with its weights).",
+    )
+    rerank_candidates: int = Field(
+        20, ge=1, le=1000, description="Fused candidates the cross-encoder scores (at least top_k)."
+    )
+    rerank_batch_size: int = Field(16, ge=1, le=1024, description="Pairs scored per batch.")
+    default_strategy: Literal["direct", "cot", "self_consistency", "reflect"] = Field(
+        "direct",
+        description="Prompting strategy when a request names none: direct (one call), cot "
+        "(reason step by step, then a marked final answer), self_consistency (several "
+        "samples, vote) or reflect (draft, check against the sources, revise).",
+    )
+    samples: int = Field(
+        5, ge=2, le=16, description="Samples self_consistency draws when a request names none."
+    )
+    max_samples: int = Field(8, ge=2, le=64, description="Most samples a request may ask for.")
+    sample_temperature: float = Field(
+        0.7, ge=0.0, le=2.0, description="Temperature of self_consistency samples."
+    )
+    abstain_min_score: float = Field(
+        0.32,
+        ge=-1.0,
+        le=1.0,
+        description="When the best source's cosine similarity to the question is below this, "
+        "the answer abstains (answerable: false) without calling the model; -1 turns it off. "
+        "0.32 suits all-MiniLM-L6-v2: on eval/debian-reference.jsonl every answerable "
+        "question scored at least 0.345 and 6 of 14 unanswerable ones less.",
+    )
 
 
 class LLMSettings(BaseModel):
@@ -162,6 +198,35 @@ class LLMSettings(BaseModel):
     )
 
 
+class LimitsSettings(BaseModel):
+    """Rate limits per client: its address now, its API key once keys exist; 0 turns one off."""
+
+    requests_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Requests to /v1 routes one client may make a minute: a burst of this many, "
+        "refilled evenly over the minute; over it, 429 with Retry-After (0: unlimited). "
+        "/healthz, /readyz and /metrics are never limited.",
+    )
+    tokens_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Model tokens (prompt + completion) one client's answered queries may use "
+        "in the trailing minute; a query arriving over it gets 429 with Retry-After until "
+        "enough tokens age out (0: unlimited).",
+    )
+
+
+class AuthSettings(BaseModel):
+    """API keys (`rag keys create`); off by default, for a service on 127.0.0.1."""
+
+    required: bool = Field(
+        False,
+        description="Require an API key (Authorization: Bearer rag_...) on every /v1 request; "
+        "turn on whenever the service listens beyond 127.0.0.1 (the Docker image does).",
+    )
+
+
 class ServerSettings(BaseModel):
     """Where `rag serve` listens."""
 
@@ -188,6 +253,8 @@ class Settings(BaseSettings):
     query: QuerySettings = Field(default_factory=QuerySettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets shown as ``**********``."""

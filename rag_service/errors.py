@@ -19,6 +19,7 @@ CLI prints them as one line.
     ├── ConflictError             409
     │   └── EmbeddingMismatch
     ├── IndexNotReady             503
+    ├── TooManyRequests           429      a client is over its rate limit
     ├── ServiceUnavailable        503      (client) the service cannot be reached
     ├── JobTimeout                504      (client) a job did not finish in time
     ├── EmbeddingError            500
@@ -197,3 +198,24 @@ class JobTimeout(RagError):
 
     code = "job_timeout"
     status_code = 504
+
+
+class TooManyRequests(RagError):
+    """A client is over its requests-per-minute or model-tokens-per-minute limit."""
+
+    code = "rate_limited"
+    status_code = 429
+
+
+class Unauthorized(RagError):
+    """A request needs an API key and brought none, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+    status_code = 401
+
+
+class Forbidden(RagError):
+    """The API key is valid but its scope or collections do not cover the request."""
+
+    code = "forbidden"
+    status_code = 403

@@ -165,25 +165,41 @@ def format_source(n: int, chunk: StoredChunk, text: str) -> str:
     return f"[{n}] ({where})\n{text.strip()}\n"
 
 
+DIRECT_INSTRUCTIONS = (
+    "Answer in a few sentences, using only the sources above. "
+    "End each sentence with the number of its source, like [1]."
+)
+
+
+def format_sources(sources: Sequence[ContextSource]) -> str:
+    """The numbered source blocks of a prompt."""
+    return "\n".join(format_source(s.n, s.chunk, s.text) for s in sources)
+
+
 def build_messages(
     question: str,
     sources: Sequence[ContextSource],
     *,
     system_prompt: str | None = None,
+    instructions: str = DIRECT_INSTRUCTIONS,
+    history: Sequence[ChatMessage] = (),
 ) -> list[ChatMessage]:
-    """The chat prompt for a direct answer from numbered sources."""
-    blocks = "\n".join(format_source(s.n, s.chunk, s.text) for s in sources)
+    """The chat prompt: numbered sources as quoted data, the question, what to write.
+
+    ``history`` (earlier user and assistant turns) goes between the system
+    prompt and the question, so follow-ups read in context.
+    """
     user = (
         "Sources:\n"
         "<<<\n"
-        f"{blocks}"
+        f"{format_sources(sources)}"
         ">>>\n\n"
         f"Question: {question.strip()}\n"
-        "Answer in a few sentences, using only the sources above. "
-        "End each sentence with the number of its source, like [1]."
+        f"{instructions}"
     )
     return [
         ChatMessage("system", system_prompt or SYSTEM_PROMPT),
+        *history,
         ChatMessage("user", user),
     ]
 
@@ -222,7 +238,8 @@ def strip_invalid_citations(answer: str, invalid: Sequence[int]) -> str:
     return re.sub(r"\s+(?=[.,;!?])", "", _CITATION.sub(fix, answer)).strip()
 
 
-def _content_words(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
+    """Lower-cased words that carry meaning: no stopwords, no one- or two-letter words."""
     return {
         w
         for w in (m.group(0).lower() for m in _WORD.finditer(text))
@@ -240,10 +257,10 @@ def infer_citations(
     often answer from a source without writing ``[n]``; this recovers the
     attribution from the text itself, and the response says it was inferred.
     """
-    vocab = [_content_words(s.text) for s in sources]
+    vocab = [content_words(s.text) for s in sources]
     found: list[int] = []
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer):
-        words = _content_words(sentence)
+    for sentence in split_sentences(answer):
+        words = content_words(sentence)
         if len(words) < 2:
             continue
         shares = [len(words & v) / len(words) for v in vocab]
@@ -251,3 +268,32 @@ def infer_citations(
         if best is not None and shares[best] >= min_overlap and sources[best].n not in found:
             found.append(sources[best].n)
     return found
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences (and lines) of an answer, citations kept with their sentence."""
+    parts = re.split(r"(?<=[.!?])\s+(?!\[)|\n+", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+# Ways a model says the sources lack the answer, beyond the exact sentence asked for.
+_DECLINES = re.compile(
+    r"(?:sources?|context|documents?|text)\s+(?:do(?:es)?\s+not|don't|doesn't)\s+"
+    r"(?:contain|include|mention|provide|say|cover|answer)"
+    r"|(?:no|not\s+enough)\s+information\s+(?:about|on|in|to|regarding)"
+    r"|(?:cannot|can't|can\s+not|unable\s+to)\s+(?:answer|find|determine)"
+    r"|not\s+(?:mentioned|covered|stated|specified)\s+in\s+the\s+(?:sources?|context)",
+    re.IGNORECASE,
+)
+#: Longer answers that contain a declining phrase are taken as answers.
+_DECLINE_MAX_WORDS = 30
+
+
+def is_no_answer(answer: str) -> bool:
+    """True when a (short) answer says the sources do not hold the answer."""
+    text = answer.strip()
+    if not text:
+        return True
+    if text.lower().startswith(NO_ANSWER.lower().rstrip(".")):
+        return True
+    return len(text.split()) <= _DECLINE_MAX_WORDS and _DECLINES.search(text) is not None

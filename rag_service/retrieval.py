@@ -12,6 +12,10 @@
 Filters apply before ``top_k`` is cut, in every mode: keyword search filters
 in SQL; dense search over-fetches from FAISS and keeps what passes, or, when
 the filter leaves few chunks, scores exactly those chunks' vectors.
+
+An optional cross-encoder (``rag_service.rerank``) then reorders the best
+``max(top_k, rerank_candidates)`` of the mode's list, which already passed
+the filters, before ``top_k`` is cut.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import numpy.typing as npt
 
 from rag_service.config import QuerySettings
 from rag_service.embedding import Embedder
-from rag_service.errors import InvalidRequest
+from rag_service.errors import EmbeddingError, InvalidRequest
+from rag_service.rerank import Reranker
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter
 from rag_service.storage.records import Collection, StoredChunk
@@ -51,6 +56,8 @@ class RankedChunk:
     (keyword) or the RRF score (hybrid).  ``dense_score`` and
     ``keyword_score`` show both signals where known; ``*_rank`` is the
     1-based place in that signal's candidate pool, None outside it.
+    ``rerank_score`` is the cross-encoder's score when the list was reranked
+    (it is then ordered by it, best first), else None.
     """
 
     chunk: StoredChunk
@@ -59,6 +66,7 @@ class RankedChunk:
     keyword_score: float | None = None
     dense_rank: int | None = None
     keyword_rank: int | None = None
+    rerank_score: float | None = None
 
 
 # -- query text to FTS5 --------------------------------------------------------
@@ -197,7 +205,7 @@ def _ms(start: float) -> float:
 
 
 class Retriever:
-    """Dense, keyword and hybrid search over one catalog's collections."""
+    """Dense, keyword and hybrid search over one catalog's collections, optionally reranked."""
 
     def __init__(
         self,
@@ -206,11 +214,23 @@ class Retriever:
         vectors: VectorStore,
         embedder: Embedder,
         settings: QuerySettings,
+        reranker: Reranker | None = None,
     ) -> None:
         self.catalog = catalog
         self.vectors = vectors
         self.embedder = embedder
         self.settings = settings
+        self.reranker = reranker
+
+    def _reranks(self, rerank: bool | None) -> bool:
+        if rerank is None:
+            return self.reranker is not None
+        if rerank and self.reranker is None:
+            raise InvalidRequest(
+                "reranking is off: set RAG_QUERY__RERANK_MODEL to a local cross-encoder "
+                "folder to turn it on"
+            )
+        return rerank
 
     def retrieve(
         self,
@@ -221,9 +241,18 @@ class Retriever:
         mode: RetrievalMode,
         flt: ChunkFilter | None,
         timings: dict[str, float],
+        rerank: bool | None = None,
     ) -> list[RankedChunk]:
-        """The ``top_k`` best chunks for ``query``; fills ``timings`` in milliseconds."""
-        pool = candidate_pool(top_k, self.settings)
+        """The ``top_k`` best chunks for ``query``; fills ``timings`` in milliseconds.
+
+        ``rerank``: None reranks when a reranker is configured, True demands it
+        (``InvalidRequest`` without one), False gives the mode's own order.
+        """
+        reranking = self._reranks(rerank)
+        # Reranking reorders a longer list than top_k; each signal's pool grows
+        # with it, as it would for a request of that many results.
+        cut = max(top_k, self.settings.rerank_candidates) if reranking else top_k
+        pool = candidate_pool(cut, self.settings)
         vector: npt.NDArray[np.float32] | None = None
         dense: list[tuple[int, float]] = []
         keyword: list[tuple[int, float]] = []
@@ -243,11 +272,30 @@ class Retriever:
             if match is not None:
                 keyword = self.catalog.keyword_search(collection.id, match, pool, flt)
             timings["keyword_ms"] = _ms(start)
-        ranked = self._rank(mode, dense, keyword, top_k)
+        ranked = self._rank(mode, dense, keyword, cut)
         if mode == "hybrid":
             ranked = self._complete_scores(collection, ranked, vector, match)
         timings["search_ms"] = _ms(searched)
-        return ranked
+        if reranking:
+            start = time.perf_counter()
+            ranked = self._rerank(query, ranked)
+            timings["rerank_ms"] = _ms(start)
+        return ranked[:top_k]
+
+    def _rerank(self, query: str, ranked: list[RankedChunk]) -> list[RankedChunk]:
+        """``ranked`` ordered by the cross-encoder, best first; ties keep their order."""
+        if not ranked or self.reranker is None:
+            return ranked
+        scores = self.reranker.score(query, [r.chunk.text for r in ranked])
+        if len(scores) != len(ranked):
+            raise EmbeddingError(
+                f"reranker {self.reranker.name} gave {len(scores)} scores for {len(ranked)} texts"
+            )
+        # A NaN score (a broken model) sorts last instead of scrambling the order.
+        order = sorted(
+            range(len(ranked)), key=lambda i: -scores[i] if not math.isnan(scores[i]) else math.inf
+        )
+        return [replace(ranked[i], rerank_score=scores[i]) for i in order]
 
     # -- ranking ---------------------------------------------------------------
 

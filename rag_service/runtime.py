@@ -24,6 +24,7 @@ from rag_service.embedding import Embedder, SentenceTransformerEmbedder
 from rag_service.errors import RagError
 from rag_service.llm.base import ChatModel
 from rag_service.llm.factory import create_chat_model
+from rag_service.rerank import Reranker, load_reranker
 from rag_service.services.documents import DocumentService, Inspector
 from rag_service.services.query import QueryService
 from rag_service.storage.blobs import BlobStore, release_blobs
@@ -56,6 +57,8 @@ class Runtime:
         chat_model: ChatModel | None = None,
     ) -> None:
         self.settings = settings
+        # First, so that a wrong RAG_QUERY__RERANK_MODEL fails before anything is opened.
+        self.reranker: Reranker | None = load_reranker(settings.query)
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(data / "catalog.sqlite3")
@@ -93,6 +96,7 @@ class Runtime:
             settings=settings.query,
             max_answer_tokens=settings.llm.max_tokens,
             temperature=settings.llm.temperature,
+            reranker=self.reranker,
         )
         # Finish removals a crash interrupted, then sweep stale partial uploads.
         release_blobs(self.blobs, self.catalog, self.catalog.pending_freed_blobs())
@@ -229,6 +233,8 @@ class Runtime:
             self._chat_model.close()
         if self._owns_embedder:
             self.embedder.close()
+        if self.reranker is not None:
+            self.reranker.close()
         self.catalog.close()
 
     def __enter__(self) -> Self:

@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import httpx
 import numpy as np
-from fastapi.testclient import TestClient
 
 from rag_service.embedding import Embedder, Vectors
 from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
@@ -25,7 +25,10 @@ class ScriptedChatModel(ChatModel):
 
     def __init__(self, answer: str = "The answer is in the first source [1].") -> None:
         self.answer = answer
+        #: Replies (or errors) for the next calls, in order, before ``answer`` again.
+        self.queue: list[str | Exception] = []
         self.prompts: list[list[ChatMessage]] = []
+        self.temperatures: list[float] = []
         self.error: Exception | None = None
 
     def complete(
@@ -37,10 +40,14 @@ class ScriptedChatModel(ChatModel):
         stop: Sequence[str] | None = None,
     ) -> Completion:
         self.prompts.append(list(messages))
+        self.temperatures.append(temperature)
         if self.error is not None:
             raise self.error
+        reply = self.queue.pop(0) if self.queue else self.answer
+        if isinstance(reply, Exception):
+            raise reply
         prompt = sum(self.count_tokens(m.content) for m in messages)
-        return Completion(self.answer, Usage(prompt, self.count_tokens(self.answer)), "stop")
+        return Completion(reply, Usage(prompt, self.count_tokens(reply)), "stop")
 
     def stream(
         self,
@@ -56,11 +63,16 @@ class ScriptedChatModel(ChatModel):
         yield StreamDelta("", usage=done.usage, finish_reason="stop")
 
 
-def wait_for_job(client: TestClient, job_id: str, timeout_s: float = 120.0) -> dict[str, object]:
+def wait_for_job(
+    client: httpx.Client,
+    job_id: str,
+    timeout_s: float = 120.0,
+    headers: dict[str, str] | None = None,
+) -> dict[str, object]:
     """Poll ``GET /v1/jobs/{id}`` until it has finished."""
     deadline = time.monotonic() + timeout_s
     while True:
-        job: dict[str, object] = client.get(f"/v1/jobs/{job_id}").json()
+        job: dict[str, object] = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         if job["status"] in ("succeeded", "failed"):
             return job
         if time.monotonic() > deadline:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -21,9 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from rag_service.api import create_app
 from rag_service.client import AsyncRagClient, RagClient
 from rag_service.config import IngestSettings, Settings
 from rag_service.embedding import SentenceTransformerEmbedder
@@ -42,7 +38,8 @@ from rag_service.errors import (
     ServiceUnavailable,
     UnsupportedDocument,
 )
-from tests.helpers import ScriptedChatModel, make_pdf
+from tests.helpers import make_pdf
+from tests.live import LiveServer, free_port
 
 PAGES = [
     "The museum opens at nine o'clock on weekdays.",
@@ -50,40 +47,6 @@ PAGES = [
     "The cafe on the roof serves lunch until three in the afternoon.",
 ]
 NOTES = "# Parking\n\nThe car park behind the museum is free for visitors on Sundays.\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class LiveServer:
-    """The real app under uvicorn in a thread; uvicorn binds host and port itself."""
-
-    def __init__(self, settings: Settings, embedder: SentenceTransformerEmbedder) -> None:
-        self.model = ScriptedChatModel("Adults pay twelve euros [1].")
-        app = create_app(settings, embedder=embedder, chat_model=self.model)
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive(), "uvicorn exited while starting"
-            assert time.monotonic() < deadline, "uvicorn did not start within 60 s"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
 
 
 ServeFn = Callable[[Settings], LiveServer]

@@ -12,6 +12,8 @@ from rag_service.services.query import Answer, Retrieval
 from rag_service.services.query import Source as SourceValue
 from rag_service.storage.filters import ChunkFilter, MetadataScalar
 from rag_service.storage.records import Collection, Document, Job
+from rag_service.strategies import Cost as CostValue
+from rag_service.strategies import StrategyName
 
 
 class ErrorBody(BaseModel):
@@ -189,6 +191,20 @@ class RetrieveIn(BaseModel):
     top_k: int | None = Field(None, description="How many chunks to return (default 5).")
     mode: RetrievalMode | None = Field(None, description=MODE_DESCRIPTION)
     filters: FiltersIn | None = Field(None, description="Restrict the chunks searched.")
+    rerank: bool | None = Field(
+        None,
+        description="Reorder the candidates with the cross-encoder (default: when "
+        "RAG_QUERY__RERANK_MODEL is set; true without one is a 422).",
+    )
+
+
+STRATEGY_DESCRIPTION = (
+    "How the model is asked: direct (default, one call); cot (reason step by step, then a "
+    "marked final answer; the reasoning comes back apart); self_consistency (`samples` "
+    "step-by-step answers at a temperature, the most agreed answer wins); reflect (a "
+    "draft, then the model checks each sentence against the sources and unsupported "
+    "ones are removed)."
+)
 
 
 class QueryIn(BaseModel):
@@ -198,6 +214,19 @@ class QueryIn(BaseModel):
     top_k: int | None = Field(None, description="How many chunks to give the model (default 5).")
     mode: RetrievalMode | None = Field(None, description=MODE_DESCRIPTION)
     filters: FiltersIn | None = Field(None, description="Restrict the chunks searched.")
+    strategy: StrategyName | None = Field(None, description=STRATEGY_DESCRIPTION)
+    samples: int | None = Field(
+        None, description="Answers self_consistency votes over (default 5, at most 8)."
+    )
+    rerank: bool | None = Field(
+        None,
+        description="Reorder the candidates with the cross-encoder (default: when "
+        "RAG_QUERY__RERANK_MODEL is set; true without one is a 422).",
+    )
+    stream: bool = Field(
+        False,
+        description="Send Server-Sent Events: sources, tokens as written, then the answer.",
+    )
 
 
 class SourceOut(BaseModel):
@@ -228,6 +257,9 @@ class SourceOut(BaseModel):
     keyword_rank: int | None = Field(
         None, description="Place among the keyword candidates (1 = best); null outside them."
     )
+    rerank_score: float | None = Field(
+        None, description="The cross-encoder's score when reranking ordered the results."
+    )
 
     @classmethod
     def of(cls, s: SourceValue) -> SourceOut:
@@ -246,6 +278,7 @@ class SourceOut(BaseModel):
             keyword_score=s.keyword_score,
             dense_rank=s.dense_rank,
             keyword_rank=s.keyword_rank,
+            rerank_score=s.rerank_score,
         )
 
 
@@ -273,8 +306,46 @@ class UsageOut(BaseModel):
         )
 
 
+class CostOut(BaseModel):
+    calls: int = Field(description="Model calls the strategy made.")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    ms: float = Field(description="Milliseconds spent in the model.")
+
+    @classmethod
+    def of(cls, c: CostValue) -> CostOut:
+        return cls(
+            calls=c.calls,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            total_tokens=c.total_tokens,
+            ms=c.ms,
+        )
+
+
 class QueryOut(BaseModel):
     answer: str
+    answerable: bool = Field(
+        description="False when the service abstained because the sources do not hold the "
+        "answer; `answer` then says so in a plain sentence."
+    )
+    abstain_reason: str | None = Field(
+        description="no_sources: nothing matched; low_retrieval_score: nothing close enough "
+        "to the question, the model was not asked; model_declined: the model found no "
+        "answer in the sources."
+    )
+    strategy: StrategyName = Field(description="The prompting strategy used.")
+    reasoning: str | None = Field(
+        None, description="The step-by-step reasoning (cot, self_consistency)."
+    )
+    agreement: float | None = Field(
+        None, description="Share of self_consistency samples that agreed with the answer."
+    )
+    unsupported: list[str] = Field(
+        default_factory=list, description="Draft sentences reflect found unsupported and removed."
+    )
+    cost: CostOut = Field(description="What the strategy cost: calls, tokens, model time.")
     sources: list[SourceOut] = Field(description="Every source the model was given.")
     citations: list[int] = Field(description="Source numbers the answer cites, in order.")
     citation_mode: str = Field(
@@ -282,7 +353,7 @@ class QueryOut(BaseModel):
         "words because the model wrote none; none: nothing cited."
     )
     invalid_citations: int = Field(description="Citations to sources never given, removed.")
-    usage: UsageOut
+    usage: UsageOut = Field(description="Tokens of every model call, summed.")
     timings: dict[str, float] = Field(
         description="Milliseconds: embed, dense, keyword, search, generate, total."
     )
@@ -305,6 +376,13 @@ class QueryOut(BaseModel):
             degraded=a.degraded,
             degraded_reason=a.degraded_reason,
             mode=a.mode,
+            answerable=a.answerable,
+            abstain_reason=a.abstain_reason,
+            strategy=a.strategy,
+            reasoning=a.reasoning,
+            agreement=a.agreement,
+            unsupported=list(a.unsupported),
+            cost=CostOut.of(a.cost),
         )
 
 
@@ -313,8 +391,13 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str = Field(description="ready | loading")
-    embedder: str
-    index: str
-    model: str
-    workers: int
+    """Each part on its own; a part that is not ready is `loading` or `error: <code>: <why>`."""
+
+    status: str = Field(
+        description="ready (200) when every part is, else loading or error (503); error when "
+        "some part failed."
+    )
+    embedder: str = Field(description="The embedding model's id once loaded, else loading.")
+    index: str = Field(description="open when the catalog answers and the indexes are loaded.")
+    model: str = Field(description="loaded when the language model is in memory.")
+    workers: int = Field(description="Ingestion worker threads alive in this process.")

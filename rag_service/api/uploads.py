@@ -1,7 +1,8 @@
 """Streaming multipart uploads: each file goes to the blob store as it arrives.
 
-The size limit is checked on every piece, so an oversized upload is refused
-after ``max_file_bytes`` bytes, not after the whole body has been read.
+The size limits (``max_file_bytes`` per file, ``max_request_bytes`` per
+request) are checked on every piece, so an oversized upload is refused as
+soon as it crosses one, not after the whole body has been read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from rag_service.errors import InvalidRequest
+from rag_service.errors import DocumentTooLarge, InvalidRequest
 from rag_service.services.documents import DocumentService, PendingUpload
 
 FILE_FIELD = "files"
@@ -125,10 +126,22 @@ async def receive_files(request: Request, service: DocumentService) -> list[Pend
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise InvalidRequest("send files as multipart/form-data with a boundary")
+    limit = service.settings.max_request_bytes
+    too_large = DocumentTooLarge(
+        f"the upload is over the {limit} byte limit per request "
+        "(RAG_INGEST__MAX_REQUEST_BYTES); send the files in several requests"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
     collector = _Collector(service)
     parser = MultipartParser(boundary, cast(Any, collector.callbacks()))
+    received = 0
     try:
         async for piece in request.stream():
+            received += len(piece)
+            if received > limit:
+                raise too_large
             parser.write(piece)
         parser.finalize()
         if not collector.complete:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from rag_service.config import QuerySettings
 from rag_service.embedding import Embedder
 from rag_service.errors import EmbeddingMismatch, InvalidRequest, ModelBusy, ModelError
-from rag_service.llm.base import ChatModel, Usage
+from rag_service.llm.base import ChatMessage, ChatModel, Usage
 from rag_service.prompting import (
     NO_ANSWER,
     STOP_SEQUENCES,
@@ -19,9 +19,11 @@ from rag_service.prompting import (
     clean_answer,
     extract_citations,
     infer_citations,
+    is_no_answer,
     pack_context,
     strip_invalid_citations,
 )
+from rag_service.rerank import Reranker
 from rag_service.retrieval import (
     RankedChunk,
     RetrievalMode,
@@ -34,6 +36,8 @@ from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter
 from rag_service.storage.records import Collection
 from rag_service.storage.vectors import VectorStore
+from rag_service.strategies import STRATEGIES, Context, Cost, Draft, Plan, StrategyName
+from rag_service.strategies import run as run_strategy
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class Source:
     keyword_score: float | None = None
     dense_rank: int | None = None
     keyword_rank: int | None = None
+    #: The cross-encoder's score, when reranking reordered the candidates.
+    rerank_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,30 @@ class Answer:
     #: "model": the answer's own ``[n]``; "inferred": matched from its words; "none".
     citation_mode: str = "none"
     mode: RetrievalMode = "dense"
+    #: False when the service abstained: the sources do not hold the answer.
+    answerable: bool = True
+    #: Why it abstained: no_sources, low_retrieval_score or model_declined.
+    abstain_reason: str | None = None
+    strategy: StrategyName = "direct"
+    #: The step-by-step reasoning (cot, self_consistency), apart from the answer.
+    reasoning: str | None = None
+    #: Share of self_consistency samples that agreed with the returned answer.
+    agreement: float | None = None
+    #: Draft sentences reflection found unsupported and removed.
+    unsupported: tuple[str, ...] = ()
+    cost: Cost = field(default_factory=Cost)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A question checked, its sources retrieved and packed, the model not yet asked."""
+
+    #: The answer so far: sources, retrieval timings, mode and strategy.
+    base: Answer
+    plan: Plan
+    context: Context
+    model: ChatModel
+    started: float
 
 
 def _ms(start: float) -> float:
@@ -103,6 +133,7 @@ class QueryService:
         settings: QuerySettings,
         max_answer_tokens: int,
         temperature: float,
+        reranker: Reranker | None = None,
     ) -> None:
         self.catalog = catalog
         self.vectors = vectors
@@ -112,7 +143,11 @@ class QueryService:
         self.max_answer_tokens = max_answer_tokens
         self.temperature = temperature
         self.retriever = Retriever(
-            catalog=catalog, vectors=vectors, embedder=embedder, settings=settings
+            catalog=catalog,
+            vectors=vectors,
+            embedder=embedder,
+            settings=settings,
+            reranker=reranker,
         )
 
     # -- checks --------------------------------------------------------------
@@ -160,6 +195,7 @@ class QueryService:
             keyword_score=None if hit.keyword_score is None else round(hit.keyword_score, 6),
             dense_rank=hit.dense_rank,
             keyword_rank=hit.keyword_rank,
+            rerank_score=None if hit.rerank_score is None else round(hit.rerank_score, 6),
         )
 
     def retrieve(
@@ -170,11 +206,13 @@ class QueryService:
         *,
         mode: str | None = None,
         filters: ChunkFilter | None = None,
+        rerank: bool | None = None,
     ) -> Retrieval:
         """The ``top_k`` best chunks for ``query``, best first; no model call.
 
         ``mode`` is dense, keyword or hybrid (default: ``query.default_mode``);
-        ``filters`` restrict the chunks searched before ``top_k`` is cut.
+        ``filters`` restrict the chunks searched before ``top_k`` is cut;
+        ``rerank`` turns the cross-encoder on or off (default: on when configured).
         """
         started = time.perf_counter()
         k, coll = self._check(collection, query, top_k, "query")
@@ -182,7 +220,7 @@ class QueryService:
         flt = check_filter(filters)
         timings: dict[str, float] = {}
         ranked = self.retriever.retrieve(
-            coll, query, top_k=k, mode=chosen, flt=flt, timings=timings
+            coll, query, top_k=k, mode=chosen, flt=flt, timings=timings, rerank=rerank
         )
         timings["total_ms"] = _ms(started)
         return Retrieval(
@@ -190,6 +228,134 @@ class QueryService:
         )
 
     # -- answering -----------------------------------------------------------
+
+    def plan(self, strategy: str | None, samples: int | None) -> Plan:
+        """Check a request's strategy and sample count against the settings."""
+        name = strategy or self.settings.default_strategy
+        if name not in STRATEGIES:
+            raise InvalidRequest(
+                f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        if samples is not None and name != "self_consistency":
+            raise InvalidRequest("samples applies only to strategy self_consistency")
+        n = self.settings.samples if samples is None else samples
+        if name == "self_consistency":
+            bounded_int(
+                n,
+                name="samples",
+                low=2,
+                high=self.settings.max_samples,
+                setting="RAG_QUERY__MAX_SAMPLES",
+            )
+        return Plan(
+            name,  # type: ignore[arg-type]  # checked against STRATEGIES above
+            n if name == "self_consistency" else 1,
+            self.settings.sample_temperature,
+        )
+
+    def prepare(
+        self,
+        collection: str,
+        question: str,
+        top_k: int | None = None,
+        *,
+        mode: str | None = None,
+        filters: ChunkFilter | None = None,
+        strategy: str | None = None,
+        samples: int | None = None,
+        history: Sequence[ChatMessage] = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        rerank: bool | None = None,
+    ) -> Prepared | Answer:
+        """Check the request, retrieve and pack the sources: all but the model call.
+
+        ``history`` holds earlier turns of a conversation: the last ones that
+        fit ``HISTORY_TOKENS`` go into the prompt, and a short follow-up
+        question is searched together with the user's previous one.
+        ``max_tokens`` (up to the setting) and ``temperature`` override the
+        model settings for this answer.
+
+        Returns the finished ``Answer`` when there is nothing to ask the model
+        (the service abstains), else what ``answer`` or ``stream`` needs.
+        Raises the request's errors before anything is streamed.
+        """
+        started = time.perf_counter()
+        k, coll = self._check(collection, question, top_k, "question")
+        chosen = check_mode(mode, self.settings)
+        plan = self.plan(strategy, samples)
+        flt = check_filter(filters)
+        answer_tokens = self.max_answer_tokens
+        if max_tokens is not None:
+            answer_tokens = bounded_int(
+                max_tokens,
+                name="max_tokens",
+                low=1,
+                high=self.max_answer_tokens,
+                setting="RAG_LLM__MAX_TOKENS",
+            )
+        timings: dict[str, float] = {}
+        ranked = self.retriever.retrieve(
+            coll,
+            search_text(question, history),
+            top_k=k,
+            mode=chosen,
+            flt=flt,
+            timings=timings,
+            rerank=rerank,
+        )
+        base = Answer(
+            answer=NO_ANSWER,
+            sources=[],
+            citations=[],
+            invalid_citations=[],
+            usage=Usage(),
+            timings=timings,
+            model="",
+            mode=chosen,
+            strategy=plan.name,
+        )
+        if not ranked:
+            if self.catalog.chunk_count(coll.id) == 0:
+                why = f"The collection {collection!r} has no indexed documents."
+            elif flt is not None:
+                why = "No indexed chunk matches the filters."
+            else:
+                why = "No indexed chunk contains the question's words."
+            return _abstain(base, started, f"{NO_ANSWER} {why}", "no_sources")
+        hits = {hit.chunk.id: hit for hit in ranked}
+        model = self._chat_model()
+        # Room for the answer (twice over for reasoning and checking) and the instructions.
+        answer_room = answer_tokens * (1 if plan.name == "direct" else 2)
+        room = model.context_window - answer_room - 200 - (HISTORY_TOKENS if history else 0)
+        packed = pack_context(
+            [(hit.chunk, hit.score) for hit in ranked],
+            budget_tokens=max(64, min(self.settings.context_tokens, room)),
+            count_tokens=model.count_tokens,
+        )
+        base = replace(
+            base,
+            sources=[self._source(s.n, hits[s.chunk.id], s.text) for s in packed],
+            model=model.name,
+        )
+        best = max((h.dense_score for h in ranked if h.dense_score is not None), default=None)
+        if best is not None and best < self.settings.abstain_min_score:
+            return _abstain(
+                base,
+                started,
+                f"{NO_ANSWER} No source is close enough to the question "
+                f"(best similarity {best:.2f}).",
+                "low_retrieval_score",
+            )
+        context = Context(
+            question=question,
+            sources=packed,
+            system_prompt=self.settings.system_prompt,
+            max_tokens=answer_tokens,
+            temperature=self.temperature if temperature is None else temperature,
+            history=recent_turns(history, model.count_tokens),
+        )
+        return Prepared(base, plan, context, model, started)
 
     def ask(
         self,
@@ -199,97 +365,121 @@ class QueryService:
         *,
         mode: str | None = None,
         filters: ChunkFilter | None = None,
+        strategy: str | None = None,
+        samples: int | None = None,
+        rerank: bool | None = None,
     ) -> Answer:
         """Answer ``question`` from the collection's best chunks, citing them.
 
-        ``mode`` and ``filters`` choose the chunks as in ``retrieve``.
+        ``mode`` and ``filters`` choose the chunks as in ``retrieve``;
+        ``strategy`` (direct, cot, self_consistency, reflect) how the model is
+        asked, ``samples`` how many answers self_consistency votes over.  When
+        the sources do not hold the answer the result says so with
+        ``answerable=False`` instead of guessing.
         """
-        started = time.perf_counter()
-        k, coll = self._check(collection, question, top_k, "question")
-        chosen = check_mode(mode, self.settings)
-        flt = check_filter(filters)
-        timings: dict[str, float] = {}
-        ranked = self.retriever.retrieve(
-            coll, question, top_k=k, mode=chosen, flt=flt, timings=timings
+        prepared = self.prepare(
+            collection,
+            question,
+            top_k,
+            mode=mode,
+            filters=filters,
+            strategy=strategy,
+            samples=samples,
+            rerank=rerank,
         )
-        if not ranked:
-            timings["generate_ms"] = 0.0
-            timings["total_ms"] = _ms(started)
-            if self.catalog.chunk_count(coll.id) == 0:
-                why = f"The collection {collection!r} has no indexed documents."
-            elif flt is not None:
-                why = "No indexed chunk matches the filters."
-            else:
-                why = "No indexed chunk contains the question's words."
-            return Answer(
-                answer=f"{NO_ANSWER} {why}",
-                sources=[],
-                citations=[],
-                invalid_citations=[],
-                usage=Usage(),
-                timings=timings,
-                model="",
-                mode=chosen,
-            )
-        hits = {hit.chunk.id: hit for hit in ranked}
-        model = self._chat_model()
-        budget = min(
-            self.settings.context_tokens,
-            model.context_window - self.max_answer_tokens - 200,  # room for the instructions
-        )
-        packed = pack_context(
-            [(hit.chunk, hit.score) for hit in ranked],
-            budget_tokens=max(64, budget),
-            count_tokens=model.count_tokens,
-        )
-        sources = [self._source(s.n, hits[s.chunk.id], s.text) for s in packed]
-        start = time.perf_counter()
+        return prepared if isinstance(prepared, Answer) else self.answer(prepared)
+
+    def answer(self, prepared: Prepared) -> Answer:
+        """Ask the model with the prepared strategy and check its answer."""
+        cost = Cost()
         try:
-            completion = model.complete(
-                build_messages(question, packed, system_prompt=self.settings.system_prompt),
-                max_tokens=self.max_answer_tokens,
-                temperature=self.temperature,
-                stop=STOP_SEQUENCES,
-            )
+            draft = run_strategy(prepared.plan, prepared.model, prepared.context, cost)
         except ModelBusy:
             raise
         except ModelError as exc:
-            timings["generate_ms"] = _ms(start)
-            timings["total_ms"] = _ms(started)
-            log.warning("model failed; answering with sources only error=%s", exc)
-            return Answer(
-                answer="The language model is unavailable; here are the most relevant sources.",
-                sources=sources,
-                citations=[],
-                invalid_citations=[],
-                usage=Usage(),
-                timings=timings,
-                model=model.name,
-                degraded=True,
-                degraded_reason=f"{exc.code}: {exc.message}",
-                mode=chosen,
-            )
-        timings["generate_ms"] = _ms(start)
-        text, citations, invalid = self._checked(completion.text, packed)
+            return _degraded(prepared, cost, exc)
+        return self._finish(prepared, draft, cost)
+
+    def stream(self, prepared: Prepared) -> Iterator[str | Answer]:
+        """The answer's text as the model writes it, then the checked ``Answer``.
+
+        Only ``direct`` streams token by token; the other strategies need the
+        whole reply before any of it is the answer, so they yield only the end.
+        Closing the iterator stops the generation.  A busy or failing model
+        ends the stream with a degraded answer rather than an exception.
+        """
+        if prepared.plan.name != "direct":
+            try:
+                yield self.answer(prepared)
+            except ModelBusy as exc:
+                yield _degraded(prepared, Cost(), exc)
+            return
+        cost = Cost()
+        pieces: list[str] = []
+        start = time.perf_counter()
+        deltas = prepared.model.stream(
+            build_messages(
+                prepared.context.question,
+                prepared.context.sources,
+                system_prompt=prepared.context.system_prompt,
+                history=prepared.context.history,
+            ),
+            max_tokens=prepared.context.max_tokens,
+            temperature=prepared.context.temperature,
+            stop=STOP_SEQUENCES,
+        )
+        try:
+            for delta in deltas:
+                if delta.text:
+                    pieces.append(delta.text)
+                    yield delta.text
+                if delta.usage is not None:
+                    cost.prompt_tokens = delta.usage.prompt_tokens
+                    cost.completion_tokens = delta.usage.completion_tokens
+        except ModelError as exc:
+            cost.ms = _ms(start)
+            yield _degraded(prepared, cost, exc)
+            return
+        finally:
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()
+        cost.calls = 1
+        cost.ms = _ms(start)
+        yield self._finish(prepared, Draft("".join(pieces), prepared.model.name), cost)
+
+    def _finish(self, prepared: Prepared, draft: Draft, cost: Cost) -> Answer:
+        timings = prepared.base.timings
+        packed = prepared.context.sources
+        timings["generate_ms"] = cost.ms
+        text, citations, invalid = self._checked(draft.text, packed)
         cited_by = "model" if citations else "none"
-        if not citations and text != NO_ANSWER:
+        for n in draft.extra_citations:
+            if n not in citations:
+                citations.append(n)
+        declined = is_no_answer(text)
+        if not citations and not declined:
             citations = infer_citations(text, packed)
             cited_by = "inferred" if citations else "none"
-        timings["total_ms"] = _ms(started)
-        return Answer(
-            answer=text,
-            sources=sources,
-            citations=citations,
+        timings["total_ms"] = _ms(prepared.started)
+        return replace(
+            prepared.base,
+            answer=NO_ANSWER if declined else text,
+            citations=[] if declined else citations,
             invalid_citations=invalid,
-            usage=completion.usage,
-            timings=timings,
-            model=completion.model or model.name,
-            citation_mode=cited_by,
-            mode=chosen,
+            usage=cost.usage,
+            model=draft.model or prepared.model.name,
+            citation_mode="none" if declined else cited_by,
+            answerable=not declined,
+            abstain_reason="model_declined" if declined else None,
+            reasoning=draft.reasoning,
+            agreement=draft.agreement,
+            unsupported=draft.unsupported,
+            cost=cost,
         )
 
     @staticmethod
-    def _checked(raw: str, packed: list[ContextSource]) -> tuple[str, list[int], list[int]]:
+    def _checked(raw: str, packed: Sequence[ContextSource]) -> tuple[str, list[int], list[int]]:
         """Drop citations to sources that were never given and count them."""
         cleaned = clean_answer(raw)
         valid, invalid = extract_citations(cleaned, len(packed))
@@ -297,3 +487,54 @@ class QueryService:
         if not text:
             text = NO_ANSWER
         return text, valid, invalid
+
+
+#: Tokens of earlier conversation turns a prompt may carry.
+HISTORY_TOKENS = 300
+#: A question this short may lean on the previous one ("and for children?").
+FOLLOW_UP_WORDS = 12
+
+
+def search_text(question: str, history: Sequence[ChatMessage]) -> str:
+    """What to retrieve for: the question, after the user's previous one if it is short."""
+    if len(question.split()) > FOLLOW_UP_WORDS:
+        return question
+    earlier = [m.content for m in history if m.role == "user" and m.content.strip()]
+    return f"{earlier[-1]}\n{question}" if earlier else question
+
+
+def recent_turns(
+    history: Sequence[ChatMessage], count_tokens: Callable[[str], int]
+) -> tuple[ChatMessage, ...]:
+    """The latest user and assistant turns that fit ``HISTORY_TOKENS``, oldest first."""
+    kept: list[ChatMessage] = []
+    used = 0
+    for message in reversed(history):
+        if message.role == "system":
+            continue
+        used += count_tokens(message.content)
+        if used > HISTORY_TOKENS:
+            break
+        kept.append(message)
+    return tuple(reversed(kept))
+
+
+def _abstain(base: Answer, started: float, text: str, reason: str) -> Answer:
+    base.timings["generate_ms"] = 0.0
+    base.timings["total_ms"] = _ms(started)
+    return replace(base, answer=text, answerable=False, abstain_reason=reason)
+
+
+def _degraded(prepared: Prepared, cost: Cost, exc: ModelError) -> Answer:
+    timings = prepared.base.timings
+    timings["generate_ms"] = cost.ms
+    timings["total_ms"] = _ms(prepared.started)
+    log.warning("model failed; answering with sources only error=%s", exc)
+    return replace(
+        prepared.base,
+        answer="The language model is unavailable; here are the most relevant sources.",
+        usage=cost.usage,
+        degraded=True,
+        degraded_reason=f"{exc.code}: {exc.message}",
+        cost=cost,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -108,6 +108,19 @@ CREATE TABLE IF NOT EXISTS job_documents (
     PRIMARY KEY (job_id, document_id)
 );
 CREATE INDEX IF NOT EXISTS job_documents_by_document ON job_documents(document_id);
+
+-- API keys: only the SHA-256 of each secret is kept (the secrets are random
+-- and long, so a fast hash is enough); collections is a JSON list, ["*"] = all.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    secret_hash  TEXT NOT NULL,
+    scope        TEXT NOT NULL,
+    collections  TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    last_used_at REAL,
+    revoked_at   REAL
+);
 """
 
 
@@ -116,6 +129,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # Version 2 -> 3 only adds api_keys, which SCHEMA creates if missing.
         if "accepted_seq" not in columns:  # version 1 -> 2
             conn.execute("ALTER TABLE documents ADD COLUMN accepted_seq INTEGER NOT NULL DEFAULT 0")
             conn.execute("UPDATE documents SET accepted_seq = rowid")

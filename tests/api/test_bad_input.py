@@ -88,6 +88,23 @@ def test_file_over_the_size_limit_is_413_while_streaming(
         assert "multipart" in err["message"]
 
 
+def test_uploads_have_a_request_size_and_file_count_limit(
+    tmp_path: Path, embedder: SentenceTransformerEmbedder, scripted: ScriptedChatModel
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        ingest=IngestSettings(max_request_bytes=3000, max_files_per_request=2, worker_threads=0),
+    )
+    with TestClient(create_app(settings, embedder=embedder, chat_model=scripted)) as client:
+        files = [(f"f{i}.txt", b"a" * 1200) for i in range(3)]
+        err = error_of(post_files(client, [*files[:2], ("g.txt", b"b" * 1200)]), 413)
+        assert "RAG_INGEST__MAX_REQUEST_BYTES" in err["message"]
+        err = error_of(post_files(client, [(n, b"x" * 10) for n, _ in files]), 422)
+        assert "too many files" in err["message"] and "2" in err["message"]
+        assert [p for p in (settings.data_dir / "blobs").iterdir() if p.is_file()] == []
+        assert post_files(client, files[:2]).status_code == 202
+
+
 @pytest.mark.parametrize(
     ("name", "stored"),
     [("../../etc/passwd.txt", "passwd.txt"), ("dir\\sub\\notes.md", "notes.md")],

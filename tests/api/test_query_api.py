@@ -79,7 +79,8 @@ def test_citations_to_sources_never_given_are_dropped_and_counted(
     scripted.answer = "It opens at nine [1][9]. Lunch until three [3, 7]."
 
     body = client.post(
-        "/v1/query", json={"collection": "docs", "question": "hours?", "top_k": 3}
+        "/v1/query",
+        json={"collection": "docs", "question": "When does it open and when is lunch?", "top_k": 3},
     ).json()
 
     assert body["citations"] == [1, 3]
@@ -94,7 +95,7 @@ def test_model_failure_degrades_to_the_sources(
     ingest(client)
     scripted.error = ModelTimeout("the model did not answer within 60 s")
 
-    response = client.post("/v1/query", json={"collection": "docs", "question": "price?"})
+    response = client.post("/v1/query", json={"collection": "docs", "question": "What does a ticket cost?"})
 
     assert response.status_code == 200
     body = response.json()
@@ -109,7 +110,7 @@ def test_busy_model_is_503_with_retry_after(
     ingest(client)
     scripted.error = ModelBusy("the local model is busy; retry shortly", retry_after=7)
 
-    response = client.post("/v1/query", json={"collection": "docs", "question": "price?"})
+    response = client.post("/v1/query", json={"collection": "docs", "question": "What does a ticket cost?"})
 
     assert response.status_code == 503
     assert response.headers["retry-after"] == "7"

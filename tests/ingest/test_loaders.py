@@ -624,8 +624,8 @@ def test_pdfium_leaves_nothing_to_finalise() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEBIAN_REFERENCE.exists(), reason="Debian Reference PDF not installed")
 def test_pdfium_spaces_words_in_tex_output() -> None:
+    assert DEBIAN_REFERENCE.exists(), "apt-get install debian-reference-en (or run .ci/run)"
     doc = load(DEBIAN_REFERENCE.read_bytes(), DEBIAN_REFERENCE.name)
     assert doc.pages == 261
     text = full_text(doc)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from rag_service.api.deps import DocumentsDep
+from rag_service.api.deps import AuthDep, DocumentsDep
 from rag_service.api.schemas import (
     CollectionList,
     CollectionOut,
@@ -27,7 +27,7 @@ from rag_service.services.validation import collection_name
 router = APIRouter(prefix="/v1/collections", tags=["documents"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 422, 503)
 }
 
 UPLOAD_BODY: dict[str, Any] = {
@@ -94,7 +94,7 @@ async def _json_uploads(request: Request, documents: DocumentsDep) -> list[Pendi
     openapi_extra=UPLOAD_BODY,
 )
 async def upload_documents(
-    collection: str, request: Request, documents: DocumentsDep
+    collection: str, request: Request, documents: DocumentsDep, auth: AuthDep
 ) -> UploadResponse:
     """Upload files (multipart `files` parts) or texts (JSON) into a collection.
 
@@ -105,6 +105,7 @@ async def upload_documents(
     indexed.
     """
     collection_name(collection)
+    auth.require("write", collection)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         uploads = await _json_uploads(request, documents)
@@ -121,20 +122,26 @@ async def upload_documents(
 
 
 @router.get("", response_model=CollectionList)
-def list_collections(documents: DocumentsDep) -> CollectionList:
-    """Every collection with its document and chunk counts."""
-    return CollectionList(collections=[CollectionOut.of(c) for c in documents.list_collections()])
+def list_collections(documents: DocumentsDep, auth: AuthDep) -> CollectionList:
+    """Every collection (that the API key reaches) with its document and chunk counts."""
+    return CollectionList(
+        collections=[
+            CollectionOut.of(c) for c in documents.list_collections() if auth.can_see(c.name)
+        ]
+    )
 
 
 @router.get("/{collection}", response_model=CollectionOut, responses=ERRORS)
-def get_collection(collection: str, documents: DocumentsDep) -> CollectionOut:
+def get_collection(collection: str, documents: DocumentsDep, auth: AuthDep) -> CollectionOut:
     """One collection."""
+    auth.require("read", collection)
     return CollectionOut.of(documents.get_collection(collection))
 
 
 @router.delete("/{collection}", status_code=204, responses=ERRORS)
-def delete_collection(collection: str, documents: DocumentsDep) -> Response:
+def delete_collection(collection: str, documents: DocumentsDep, auth: AuthDep) -> Response:
     """Remove a collection with all its documents, chunks and vectors."""
+    auth.require("write", collection)
     documents.delete_collection(collection)
     return Response(status_code=204)
 
@@ -143,10 +150,12 @@ def delete_collection(collection: str, documents: DocumentsDep) -> Response:
 def list_documents(
     collection: str,
     documents: DocumentsDep,
+    auth: AuthDep,
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
 ) -> DocumentList:
     """A page of a collection's documents, oldest first."""
+    auth.require("read", collection)
     docs, total = documents.list_documents(collection, limit=limit, offset=offset)
     return DocumentList(
         documents=[DocumentOut.of(d) for d in docs], total=total, limit=limit, offset=offset
@@ -154,13 +163,19 @@ def list_documents(
 
 
 @router.get("/{collection}/documents/{document_id}", response_model=DocumentOut, responses=ERRORS)
-def get_document(collection: str, document_id: str, documents: DocumentsDep) -> DocumentOut:
+def get_document(
+    collection: str, document_id: str, documents: DocumentsDep, auth: AuthDep
+) -> DocumentOut:
     """One document: its status, pages, chunk count and error if it failed."""
+    auth.require("read", collection)
     return DocumentOut.of(documents.get_document(collection, document_id))
 
 
 @router.delete("/{collection}/documents/{document_id}", status_code=204, responses=ERRORS)
-def delete_document(collection: str, document_id: str, documents: DocumentsDep) -> Response:
+def delete_document(
+    collection: str, document_id: str, documents: DocumentsDep, auth: AuthDep
+) -> Response:
     """Remove a document; its chunks never appear in results again."""
+    auth.require("write", collection)
     documents.delete_document(collection, document_id)
     return Response(status_code=204)
