@@ -95,7 +95,9 @@ def test_model_failure_degrades_to_the_sources(
     ingest(client)
     scripted.error = ModelTimeout("the model did not answer within 60 s")
 
-    response = client.post("/v1/query", json={"collection": "docs", "question": "What does a ticket cost?"})
+    response = client.post(
+        "/v1/query", json={"collection": "docs", "question": "What does a ticket cost?"}
+    )
 
     assert response.status_code == 200
     body = response.json()
@@ -110,7 +112,9 @@ def test_busy_model_is_503_with_retry_after(
     ingest(client)
     scripted.error = ModelBusy("the local model is busy; retry shortly", retry_after=7)
 
-    response = client.post("/v1/query", json={"collection": "docs", "question": "What does a ticket cost?"})
+    response = client.post(
+        "/v1/query", json={"collection": "docs", "question": "What does a ticket cost?"}
+    )
 
     assert response.status_code == 503
     assert response.headers["retry-after"] == "7"
