@@ -1,4 +1,4 @@
-"""What the metrics middleware and the rate limits cost a request, measured side by side.
+"""What API keys, the metrics middleware and the rate limits cost a request, side by side.
 
     python bench/middleware_overhead.py [--requests N] [--warmup N]
 
@@ -6,10 +6,11 @@ Two apps serve one small collection (the shared-mime-info spec in
 tests/data, PDF and HTML, embedded by the real all-MiniLM-L6-v2) from one
 data directory, each under uvicorn on 127.0.0.1:
 
-- bare: the same routers and error handlers with no metrics middleware and no
-  limit dependencies;
-- full: ``create_app`` with both request and token limits on (set so high
-  they never refuse), so every layer runs.
+- bare: the same routers and error handlers with no metrics middleware, no
+  limit dependencies and keys off (no key sent, so no key lookup);
+- full: ``create_app`` with API keys required (an admin key is sent and
+  checked against the catalog on every request) and both request and token
+  limits on (set so high they never refuse), so every layer runs.
 
 Requests alternate between the two (the order flips every round, so drift in
 machine load falls on both alike) and the client latency medians are
@@ -170,9 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
     from rag_service.api import create_app
-    from rag_service.config import IngestSettings, LimitsSettings, Settings
+    from rag_service.config import AuthSettings, IngestSettings, LimitsSettings, Settings
     from rag_service.embedding import SentenceTransformerEmbedder
     from rag_service.runtime import Runtime
+    from rag_service.storage.keys import KeyStore
     from tests.helpers import ScriptedChatModel
 
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
@@ -182,10 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             receipt = runtime.documents.add_paths(COLLECTION, list(CORPUS))
             job = runtime.wait_for_job(receipt.job_id)
             chunks = runtime.catalog.get_collection(COLLECTION).chunk_count
+            _, secret = KeyStore(runtime.catalog).create("bench", "admin", ["*"])
         print(f"collection {COLLECTION!r}: {len(CORPUS)} documents, {chunks} chunks ({job.status})")
 
         limited = settings.model_copy(
-            update={"limits": LimitsSettings(requests_per_minute=10**9, tokens_per_minute=10**9)}
+            update={
+                "limits": LimitsSettings(requests_per_minute=10**9, tokens_per_minute=10**9),
+                "auth": AuthSettings(required=True),
+            }
         )
         model = ScriptedChatModel()  # /v1/retrieve never calls it
         apps = {
@@ -194,8 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         with Server(apps["bare"]) as bare, Server(apps["full"]) as full:
             clients = {
-                label: httpx.Client(base_url=server.url, timeout=60)
-                for label, server in (("bare", bare), ("full", full))
+                "bare": httpx.Client(base_url=bare.url, timeout=60),
+                "full": httpx.Client(
+                    base_url=full.url,
+                    timeout=60,
+                    headers={"Authorization": f"Bearer {secret}"},
+                ),
             }
 
             def retrieve(client: httpx.Client, n: int) -> httpx.Response:

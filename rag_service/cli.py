@@ -1,4 +1,4 @@
-"""The ``rag`` command: serve, worker, ingest, ask, eval, keys, config."""
+"""The ``rag`` command: serve, worker, ingest, ask, eval, keys, backup, restore, config."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rag_service.backup_cli import backup_command, restore_command
 from rag_service.config import Settings
 from rag_service.errors import RagError
 from rag_service.evaluation.command import eval_command
@@ -298,6 +299,8 @@ def ask(
 
 
 app.command("eval")(eval_command)
+app.command("backup")(backup_command)
+app.command("restore")(restore_command)
 
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -196,6 +196,45 @@ class LLMSettings(BaseModel):
     queue_timeout_s: float = Field(
         120.0, gt=0, description="Local model: longest wait for a turn before 503."
     )
+    breaker_failures: int = Field(
+        5,
+        ge=0,
+        description="Circuit breaker of the openai backend: consecutive model faults "
+        "(timeouts, 5xx, connection errors, invalid responses; not 4xx or 429) that open it; "
+        "while open, calls fail at once with model_unavailable without reaching the server "
+        "(0: no breaker; the local model has none).",
+    )
+    breaker_reset_s: float = Field(
+        30.0,
+        gt=0,
+        description="Circuit breaker: seconds it stays open before one trial call is let "
+        "through (half-open); the trial's success closes it, its failure opens it again.",
+    )
+    fallback: LLMSettings | None = Field(
+        None,
+        description="A second model, tried when this one cannot answer (a model fault, its "
+        "breaker open, busy or rate-limited; not when it refuses the request itself): a "
+        "section of the same knobs, e.g. RAG_LLM__FALLBACK__BACKEND=openai (required), "
+        "RAG_LLM__FALLBACK__BASE_URL, RAG_LLM__FALLBACK__MODEL, RAG_LLM__FALLBACK__API_KEY, "
+        "RAG_LLM__FALLBACK__MODEL_PATH; it has its own timeouts, retries and breaker. "
+        "max_tokens and temperature are the primary's; prompts are packed for the smaller "
+        "context window of the two.",
+    )
+
+    @model_validator(mode="after")
+    def _one_explicit_fallback(self) -> LLMSettings:
+        fallback = self.fallback
+        if fallback is None:
+            return self
+        if fallback.fallback is not None:
+            raise ValueError("llm.fallback.fallback is not supported: configure one fallback")
+        # The section's backend defaults to local: a lone FALLBACK__BASE_URL would
+        # silently load the local model instead of calling that server.
+        if "backend" not in fallback.model_fields_set:
+            raise ValueError(
+                "llm.fallback needs its backend: set RAG_LLM__FALLBACK__BACKEND to local or openai"
+            )
+        return self
 
 
 class LimitsSettings(BaseModel):
@@ -259,6 +298,10 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets shown as ``**********``."""
         data: dict[str, Any] = self.model_dump(mode="json")
-        if self.llm.api_key is not None:
-            data["llm"]["api_key"] = "**********"
+        llm: LLMSettings | None = self.llm
+        section = data["llm"]
+        while llm is not None:
+            if llm.api_key is not None:
+                section["api_key"] = "**********"
+            section, llm = section.get("fallback"), llm.fallback
         return data

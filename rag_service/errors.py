@@ -172,6 +172,16 @@ class ModelBadResponse(ModelError):
     status_code = 502
 
 
+class ModelRequestRejected(ModelBadResponse):
+    """The model refused this request (a 4xx other than 429, a prompt too long).
+
+    The request is at fault, not the model: it does not count against the
+    circuit breaker and is not retried on the fallback model.
+    """
+
+    code = "model_request_rejected"
+
+
 class ModelUnavailable(ModelError):
     """The model server cannot be reached or the model cannot be loaded."""
 
@@ -219,3 +229,10 @@ class Forbidden(RagError):
 
     code = "forbidden"
     status_code = 403
+
+
+class BackupInvalid(RagError):
+    """A backup cannot be made or restored: damaged, incomplete or from a newer version."""
+
+    code = "backup_invalid"
+    status_code = 422

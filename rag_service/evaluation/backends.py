@@ -23,7 +23,7 @@ from rag_service.config import Settings
 from rag_service.embedding import Embedder
 from rag_service.errors import InvalidRequest, JobTimeout, RagError
 from rag_service.llm.base import ChatModel
-from rag_service.services.documents import INGESTIBLE_SUFFIXES
+from rag_service.services.documents import expand_paths
 
 #: A question waits for the language model, and some strategies call it several times.
 HTTP_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
@@ -33,25 +33,6 @@ JOB_TIMEOUT_S = 900.0
 UPLOAD_BATCH = 32
 
 Body = dict[str, Any]
-
-
-def expand_paths(paths: Sequence[Path]) -> list[Path]:
-    """Files named directly, plus every ingestible file under named folders."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in INGESTIBLE_SUFFIXES
-            )
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise InvalidRequest(f"no such file or folder: {path}")
-    if not found:
-        raise InvalidRequest("no ingestible files found (pdf, txt, md, html)")
-    return found
 
 
 class Backend(ABC):
@@ -193,6 +174,8 @@ class HttpBackend(Backend):
 
     def ingest(self, collection: str, paths: Sequence[Path]) -> list[Body]:
         files = expand_paths(paths)
+        if not files:
+            raise InvalidRequest("no ingestible files found (pdf, txt, md, html)")
         jobs: list[str] = []
         for start in range(0, len(files), UPLOAD_BATCH):
             with ExitStack() as stack:

@@ -47,6 +47,9 @@ class StreamDelta:
     text: str
     usage: Usage | None = None
     finish_reason: str | None = None
+    #: The model that wrote it, set by wrappers that choose between models
+    #: (``FallbackChatModel``); None means the ``ChatModel``'s own ``name``.
+    model: str | None = None
 
 
 class ChatModel(abc.ABC):

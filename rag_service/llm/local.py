@@ -15,7 +15,8 @@ Failures:
     ModelUnavailable    llama-cpp-python missing, the GGUF file missing or
                         unreadable, or the model already closed
     ModelBusy           the wait queue is full, or the wait ran out
-    ModelBadResponse    the prompt does not fit the context window (the same
+    ModelRequestRejected
+                        the prompt does not fit the context window (the same
                         class an OpenAI-compatible server's 400 maps to)
     ModelError          llama.cpp failed while generating
 """
@@ -34,8 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from rag_service.config import LLMSettings
-from rag_service.errors import ModelBadResponse, ModelBusy, ModelError, ModelUnavailable
-from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
+from rag_service.errors import ModelBusy, ModelError, ModelRequestRejected, ModelUnavailable
+from rag_service.llm.base import (
+    ChatMessage,
+    ChatModel,
+    Completion,
+    StreamDelta,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -361,10 +368,10 @@ class LocalChatModel(ChatModel):
         return len(tokens)
 
     def _check_fits(self, messages: Sequence[ChatMessage]) -> int:
-        """The prompt's token count; ``ModelBadResponse`` if no answer token would fit."""
+        """The prompt's token count; ``ModelRequestRejected`` if no answer token would fit."""
         needed = self.prompt_tokens(messages)
         if needed >= self.context_window:
-            raise ModelBadResponse(
+            raise ModelRequestRejected(
                 f"prompt needs {needed} tokens but the model's context window is "
                 f"{self.context_window} (RAG_LLM__CONTEXT_WINDOW); send fewer or shorter "
                 "sources"

@@ -11,8 +11,9 @@ How a failure ends up, once retries are spent or the deadline is reached:
     ModelTimeout        no answer before the deadline
     ModelRateLimited    429 (``retry_after`` from the server when it said)
     ModelUnavailable    connection refused/reset, or 5xx
-    ModelBadResponse    any other 4xx, a body that is not a completion,
-                        an SSE stream that stops before ``[DONE]``
+    ModelBadResponse    a body that is not a completion, an SSE stream that
+                        stops before ``[DONE]``; any other 4xx as its
+                        subclass ``ModelRequestRejected`` (the request's fault)
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ from rag_service.errors import (
     ModelBadResponse,
     ModelError,
     ModelRateLimited,
+    ModelRequestRejected,
     ModelTimeout,
     ModelUnavailable,
 )
 from rag_service.httputil import parse_retry_after
-from rag_service.llm.base import ChatMessage, ChatModel, Completion, StreamDelta, Usage
+from rag_service.llm.base import (
+    ChatMessage,
+    ChatModel,
+    Completion,
+    StreamDelta,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +246,7 @@ class OpenAIChatModel(ChatModel):
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 raise _Retryable(unavailable, retry_after)
             raise unavailable
-        raise ModelBadResponse(f"model server refused the request ({status}): {detail}")
+        raise ModelRequestRejected(f"model server refused the request ({status}): {detail}")
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: half fixed, half random."""

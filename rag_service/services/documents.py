@@ -57,6 +57,23 @@ class PendingUpload:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files named directly, plus every ingestible file under named folders."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and p.suffix.lower() in INGESTIBLE_SUFFIXES
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise InvalidRequest(f"no such file or folder: {path}")
+    return found
+
+
 class DocumentService:
     """Documents, collections and jobs of one catalog."""
 
@@ -201,22 +218,6 @@ class DocumentService:
             source += ".txt"
         return self.add_bytes(collection, [(source, text.encode("utf-8"))], metadata=metadata)
 
-    def expand_paths(self, paths: Iterable[Path]) -> list[Path]:
-        """Files named directly, plus every ingestible file under named folders."""
-        found: list[Path] = []
-        for path in paths:
-            if path.is_dir():
-                found.extend(
-                    p
-                    for p in sorted(path.rglob("*"))
-                    if p.is_file() and p.suffix.lower() in INGESTIBLE_SUFFIXES
-                )
-            elif path.is_file():
-                found.append(path)
-            else:
-                raise InvalidRequest(f"no such file or folder: {path}")
-        return found
-
     def add_paths(
         self,
         collection: str,
@@ -226,7 +227,7 @@ class DocumentService:
     ) -> Receipt:
         """Accept files from disk; folders are walked for ingestible files."""
         collection_name(collection)
-        files = self.expand_paths(paths)
+        files = expand_paths(paths)
         if not files:
             raise InvalidRequest("no ingestible files found (pdf, txt, md, html)")
         uploads: list[PendingUpload] = []

@@ -416,6 +416,7 @@ class QueryService:
             return
         cost = Cost()
         pieces: list[str] = []
+        answered_by = prepared.model.name
         start = time.perf_counter()
         deltas = prepared.model.stream(
             build_messages(
@@ -430,6 +431,8 @@ class QueryService:
         )
         try:
             for delta in deltas:
+                if delta.model:
+                    answered_by = delta.model
                 if delta.text:
                     pieces.append(delta.text)
                     yield delta.text
@@ -446,7 +449,7 @@ class QueryService:
                 close()
         cost.calls = 1
         cost.ms = _ms(start)
-        yield self._finish(prepared, Draft("".join(pieces), prepared.model.name), cost)
+        yield self._finish(prepared, Draft("".join(pieces), answered_by), cost)
 
     def _finish(self, prepared: Prepared, draft: Draft, cost: Cost) -> Answer:
         timings = prepared.base.timings

@@ -27,8 +27,30 @@ from rag_service.services.validation import collection_name
 router = APIRouter(prefix="/v1/collections", tags=["documents"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 422, 429, 503)
 }
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its ``#/$defs/...`` references written out in place.
+
+    Those references only resolve inside the model's own schema, not once it
+    is put into the OpenAPI document.
+    """
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return {key: resolve(value) for key, value in schema.items()}
+
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -50,7 +72,7 @@ UPLOAD_BODY: dict[str, Any] = {
                     "required": ["files"],
                 }
             },
-            "application/json": {"schema": TextUploadIn.model_json_schema()},
+            "application/json": {"schema": _inline_defs(TextUploadIn.model_json_schema())},
         },
     }
 }
@@ -121,7 +143,11 @@ async def upload_documents(
     )
 
 
-@router.get("", response_model=CollectionList)
+@router.get(
+    "",
+    response_model=CollectionList,
+    responses={code: {"model": ErrorResponse} for code in (401, 429, 503)},
+)
 def list_collections(documents: DocumentsDep, auth: AuthDep) -> CollectionList:
     """Every collection (that the API key reaches) with its document and chunk counts."""
     return CollectionList(
@@ -152,7 +178,8 @@ def list_documents(
     documents: DocumentsDep,
     auth: AuthDep,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    # The upper bound is SQLite's largest integer: past it the query itself fails.
+    offset: int = Query(0, ge=0, le=2**63 - 1),
 ) -> DocumentList:
     """A page of a collection's documents, oldest first."""
     auth.require("read", collection)

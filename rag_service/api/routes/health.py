@@ -6,6 +6,7 @@ Liveness and readiness need no API key; metrics need an admin key when keys are 
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse
 from rag_service.api.auth import presented_key, principal_for
 from rag_service.api.deps import get_runtime
 from rag_service.api.metrics import ServiceMetrics
-from rag_service.api.schemas import Health, Readiness
+from rag_service.api.schemas import ErrorResponse, Health, Readiness
 from rag_service.config import Settings
 from rag_service.errors import RagError
 from rag_service.runtime import Runtime
@@ -83,7 +84,14 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+#: Metrics are text; refused (no admin key, or not started yet) they are an error body.
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {}, "application/openmetrics-text": {}}},
+    **{code: {"model": ErrorResponse} for code in (401, 403, 503)},
+}
+
+
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
 def metrics(request: Request) -> Response:
     """Prometheus metrics: requests and latency by route, jobs, chunks, model tokens and errors.
 

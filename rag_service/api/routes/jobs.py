@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.get(
     "/{job_id}",
     response_model=JobOut,
-    responses={code: {"model": ErrorResponse} for code in (401, 404)},
+    responses={code: {"model": ErrorResponse} for code in (401, 404, 429, 503)},
 )
 def get_job(job_id: str, documents: DocumentsDep, auth: AuthDep) -> JobOut:
     """Where a job is: status, stage, progress counts, and why it failed."""

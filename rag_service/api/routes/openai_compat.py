@@ -58,7 +58,11 @@ def collection_of(model: str) -> str:
     return model[len(MODEL_PREFIX) :] if model.startswith(MODEL_PREFIX) else model
 
 
-@router.get("/models", response_model=ModelList)
+@router.get(
+    "/models",
+    response_model=ModelList,
+    responses={code: {"model": ErrorResponse} for code in (401, 429, 503)},
+)
 def list_models(service: QueryDep, auth: AuthDep) -> ModelList:
     """One model per collection (that the API key reaches), `rag:<collection>`."""
     return ModelList(
