@@ -20,6 +20,10 @@ from rag_service.config import ChunkingSettings
 
 # [CLS] and [SEP] (or their kin) that the embedder adds around every input.
 SPECIAL_TOKENS_MARGIN = 2
+# Characters a chunk may hold per token of its limit.  WordPiece turns any
+# word over 100 characters into one [UNK], so a megabyte without a space is
+# "one token": this cap keeps such a run from becoming a one-megabyte chunk.
+MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Chunker:
         capacity = (max(1, self.max_tokens * 3 // 4), self.max_tokens)
         self._count = count_tokens
         self._limit = limit
+        self._max_chars = self.max_tokens * MAX_CHARS_PER_TOKEN
         if tokenizer is not None:
             self._text = TextSplitter.from_huggingface_tokenizer(tokenizer, capacity, overlap)
             self._markdown = MarkdownSplitter.from_huggingface_tokenizer(
@@ -87,7 +92,7 @@ class Chunker:
         for offset, text in splitter.chunk_indices(section.text):
             if not text.strip():
                 continue
-            if self._count(text) <= self._limit:
+            if len(text) <= self._max_chars and self._count(text) <= self._limit:
                 yield offset, text
                 continue
             # A run the splitter could not break (one enormous "word"): cut it
@@ -96,6 +101,7 @@ class Chunker:
 
     def _hard_split(self, offset: int, text: str) -> Iterator[tuple[int, str]]:
         step = max(16, len(text) // max(2, (self._count(text) // self._limit) + 1))
+        step = min(step, self._max_chars)
         start = 0
         while start < len(text):
             end = min(len(text), start + step)

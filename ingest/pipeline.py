@@ -13,6 +13,7 @@ from ingest.chunking import Chunker
 from ingest.loaders import load_document
 from rag_service.config import IngestSettings
 from rag_service.embedding import Embedder
+from rag_service.errors import DocumentTooLarge
 from rag_service.storage.blobs import BlobStore, release_blobs
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.records import Document, NewChunk
@@ -32,6 +33,22 @@ class IngestResult:
     pages: int | None
     committed: bool
     seconds: float
+
+
+class _Deadline:
+    """The time budget of one document, checked between stages and batches."""
+
+    def __init__(self, source: str, seconds: float) -> None:
+        self._source = source
+        self._seconds = seconds
+        self._at = time.monotonic() + seconds
+
+    def check(self, stage: str) -> None:
+        if time.monotonic() > self._at:
+            raise DocumentTooLarge(
+                f"{self._source} took more than {self._seconds:g} s before {stage} "
+                "(RAG_INGEST__MAX_SECONDS_PER_DOCUMENT); split it into smaller files"
+            )
 
 
 class IngestPipeline:
@@ -55,17 +72,26 @@ class IngestPipeline:
     def process(self, document: Document, report: ProgressFn) -> IngestResult:
         """Index ``document``; raises a ``DocumentError`` for bad input."""
         started = time.perf_counter()
+        deadline = _Deadline(document.source, self.settings.max_seconds_per_document)
         report("parsing", 0, 0)
         data = self.blobs.read(document.sha256)
         loaded = load_document(data, document.source, self.settings, document.content_type)
         del data
+        deadline.check("chunking")
         report("chunking", 0, 0)
         chunks = self.chunker.chunk(loaded)
         total = len(chunks)
+        limit = self.settings.max_chunks_per_document
+        if total > limit:
+            raise DocumentTooLarge(
+                f"{document.source} makes {total:,} chunks; the limit is {limit:,} "
+                "(RAG_INGEST__MAX_CHUNKS_PER_DOCUMENT); split it into smaller files"
+            )
         report("embedding", 0, total)
         step = max(1, self.embedder.batch_size * 4)
         parts = []
         for start in range(0, total, step):
+            deadline.check("embedding")
             parts.append(self.embedder.embed([c.text for c in chunks[start : start + step]]))
             report("embedding", min(total, start + step), total)
         vectors = np.vstack(parts) if parts else np.empty((0, self.embedder.dim), np.float32)

@@ -89,6 +89,21 @@ class IngestSettings(BaseModel):
     )
     max_pages: int = Field(5000, ge=1, description="PDFs with more pages are refused.")
     max_chars: int = Field(20_000_000, ge=1, description="Extracted text larger than this fails.")
+    max_chunks_per_document: int = Field(
+        50_000, ge=1, description="A document cut into more chunks fails before it is embedded."
+    )
+    max_seconds_per_document: float = Field(
+        900.0,
+        gt=0,
+        description="Time budget of one document, checked between pages and between stages "
+        "(reading, chunking, each embedding batch); a document over it fails.",
+    )
+    max_inflated_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="PDFs whose compressed streams (other than images) inflate to more bytes "
+        "than this are refused before extraction: a guard against compression bombs.",
+    )
     pdf_engine: Literal["pypdfium2", "pypdf"] = Field(
         "pypdfium2", description="PDF text extractor: pypdfium2 (fast) or pypdf (pure Python)."
     )

@@ -37,7 +37,7 @@ from rag_service.rerank import Reranker
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter
 from rag_service.storage.records import Collection, StoredChunk
-from rag_service.storage.vectors import VectorStore
+from rag_service.storage.vectors import IndexAhead, VectorStore
 
 RetrievalMode = Literal["dense", "keyword", "hybrid"]
 MODES: tuple[str, ...] = get_args(RetrievalMode)
@@ -254,8 +254,6 @@ class Retriever:
         cut = max(top_k, self.settings.rerank_candidates) if reranking else top_k
         pool = candidate_pool(cut, self.settings)
         vector: npt.NDArray[np.float32] | None = None
-        dense: list[tuple[int, float]] = []
-        keyword: list[tuple[int, float]] = []
         match = fts_query(query) if mode != "dense" else None
         timings["embed_ms"] = 0.0
         if mode != "keyword":
@@ -263,24 +261,54 @@ class Retriever:
             vector = self.embedder.embed_query(query)
             timings["embed_ms"] = _ms(start)
         searched = time.perf_counter()
-        if vector is not None:
-            start = time.perf_counter()
-            dense = self._dense(collection, vector, pool, flt)
-            timings["dense_ms"] = _ms(start)
-        if mode != "dense":
-            start = time.perf_counter()
-            if match is not None:
-                keyword = self.catalog.keyword_search(collection.id, match, pool, flt)
-            timings["keyword_ms"] = _ms(start)
-        ranked = self._rank(mode, dense, keyword, cut)
-        if mode == "hybrid":
-            ranked = self._complete_scores(collection, ranked, vector, match)
+        try:
+            ranked = self._search(collection, mode, vector, match, pool, cut, flt, timings)
+        except IndexAhead:
+            # Another query caught FAISS up past this one's read: read again,
+            # with the index held still so that the second read cannot lose.
+            with self.vectors.hold(collection.name):
+                ranked = self._search(collection, mode, vector, match, pool, cut, flt, timings)
         timings["search_ms"] = _ms(searched)
         if reranking:
             start = time.perf_counter()
             ranked = self._rerank(query, ranked)
             timings["rerank_ms"] = _ms(start)
         return ranked[:top_k]
+
+    def _search(
+        self,
+        collection: Collection,
+        mode: RetrievalMode,
+        vector: npt.NDArray[np.float32] | None,
+        match: str | None,
+        pool: int,
+        cut: int,
+        flt: ChunkFilter | None,
+        timings: dict[str, float],
+    ) -> list[RankedChunk]:
+        """Both signals and the chunks they name, all from one state of the catalog.
+
+        FAISS is searched at that state's version, so a document being
+        replaced or deleted meanwhile shows either its old chunks or its new
+        ones (or none once deleted), never both and never neither.
+        """
+        dense: list[tuple[int, float]] = []
+        keyword: list[tuple[int, float]] = []
+        with self.catalog.consistent_read():
+            _, version = self.catalog.collection_version(collection.name)
+            if vector is not None:
+                start = time.perf_counter()
+                dense = self._dense(collection, vector, pool, flt, version)
+                timings["dense_ms"] = _ms(start)
+            if mode != "dense":
+                start = time.perf_counter()
+                if match is not None:
+                    keyword = self.catalog.keyword_search(collection.id, match, pool, flt)
+                timings["keyword_ms"] = _ms(start)
+            ranked = self._rank(mode, dense, keyword, cut)
+            if mode == "hybrid":
+                ranked = self._complete_scores(collection, ranked, vector, match)
+        return ranked
 
     def _rerank(self, query: str, ranked: list[RankedChunk]) -> list[RankedChunk]:
         """``ranked`` ordered by the cross-encoder, best first; ties keep their order."""
@@ -366,9 +394,10 @@ class Retriever:
         vector: npt.NDArray[np.float32],
         pool: int,
         flt: ChunkFilter | None,
+        version: int,
     ) -> list[tuple[int, float]]:
         if flt is None or flt.is_empty:
-            return self.vectors.search(collection.name, vector, pool)
+            return self.vectors.search(collection.name, vector, pool, version=version)
         matching = self.catalog.count_filtered_chunks(collection.id, flt)
         if matching == 0:
             return []
@@ -380,7 +409,7 @@ class Retriever:
         total = self.vectors.size(collection.name)
         fetch = min(total, math.ceil(pool * total / matching * 2))
         while True:
-            hits = self.vectors.search(collection.name, vector, fetch)
+            hits = self.vectors.search(collection.name, vector, fetch, version=version)
             passed = set(
                 self.catalog.filter_chunk_ids(collection.id, flt, [cid for cid, _ in hits])
             )

@@ -232,10 +232,15 @@ class CountingStore(VectorStore):
         self.asked: list[int] = []
 
     def search(
-        self, collection: str, query: npt.NDArray[np.float32], k: int
+        self,
+        collection: str,
+        query: npt.NDArray[np.float32],
+        k: int,
+        *,
+        version: int | None = None,
     ) -> list[tuple[int, float]]:
         self.asked.append(k)
-        return super().search(collection, query, k)
+        return super().search(collection, query, k, version=version)
 
 
 def test_over_fetch_widens_until_enough_candidates_pass(

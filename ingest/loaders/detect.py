@@ -171,6 +171,8 @@ def detect_kind(data: bytes, filename: str, declared_content_type: str | None = 
         raise UnsupportedDocument(
             f"{name} is binary data, not a document this service reads; {supported_summary()}"
         )
+    if by_extension == "markdown" and _looks_like_html(data):
+        return "html"  # a saved web page renamed .md: its tags are not Markdown text
     if by_extension is not None:
         return by_extension
     if by_declared is not None:

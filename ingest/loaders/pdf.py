@@ -10,16 +10,24 @@ Both report the same errors: a password-protected file is
 ``EncryptedDocument``, a damaged one ``CorruptDocument``, a scan without a
 text layer ``EmptyDocument``; the page limit is checked before any text is
 extracted.
+
+Neither engine bounds what a compressed stream inflates to: PDFium inflates
+a whole content stream in memory (a 2 MB file whose stream is 2 GB of zeros
+costs it 3 GB of RAM, and it aborts the process when an allocation fails).
+So the Flate streams are inflated once, in bounded steps and without
+keeping the output, to measure them before either engine sees the file.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import threading
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ingest.loaders.base import LoadedDocument, build_sections
@@ -92,11 +100,13 @@ class _PdfText:
 
 
 class _Budget:
-    """Counts extracted characters so an oversized PDF fails early."""
+    """Counts extracted characters and time so an oversized PDF fails early."""
 
-    def __init__(self, name: str, max_chars: int) -> None:
+    def __init__(self, name: str, settings: IngestSettings) -> None:
         self._name = name
-        self._max_chars = max_chars
+        self._max_chars = settings.max_chars
+        self._max_seconds = settings.max_seconds_per_document
+        self._deadline = time.monotonic() + self._max_seconds
         self._used = 0
 
     def spend(self, text: str) -> None:
@@ -105,6 +115,67 @@ class _Budget:
             raise DocumentTooLarge(
                 f"{self._name} has more than {self._max_chars:,} characters of text"
             )
+        if time.monotonic() > self._deadline:
+            raise DocumentTooLarge(
+                f"{self._name} took more than {self._max_seconds:g} s to read "
+                "(RAG_INGEST__MAX_SECONDS_PER_DOCUMENT); split it into smaller files"
+            )
+
+
+# ``stream`` followed by its end of line opens stream data; ``endstream`` does not.
+_STREAM_START = re.compile(rb"(?<!end)stream(?:\r\n|\n|\r)")
+# How far before the ``stream`` keyword its dictionary is looked for.
+_STREAM_DICT_WINDOW = 4096
+# Flate layers measured per stream (``/Filter [/FlateDecode /FlateDecode]`` nests them).
+_MAX_FLATE_LAYERS = 4
+_INFLATE_STEP = 1 << 20
+
+
+def _pieces(data: bytes, start: int) -> Iterator[bytes]:
+    for offset in range(start, len(data), _INFLATE_STEP):
+        yield data[offset : offset + _INFLATE_STEP]
+
+
+def _inflate(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Inflate a zlib stream piece by piece, never more than one step of output at once."""
+    inflater = zlib.decompressobj()
+    for piece in pieces:
+        while piece and not inflater.eof:
+            yield inflater.decompress(piece, _INFLATE_STEP)
+            piece = inflater.unconsumed_tail
+        if inflater.eof:
+            return
+
+
+def check_inflated_size(data: bytes, name: str, limit: int) -> None:
+    """Refuse a PDF whose Flate streams, images aside, inflate to more than ``limit`` bytes.
+
+    Text extraction never decodes images, so they are not counted.  A stream
+    that does not inflate is left for the engine to judge.
+    """
+    total = 0
+    position = 0
+    while (match := _STREAM_START.search(data, position)) is not None:
+        position = match.end()
+        head = data[max(0, match.start() - _STREAM_DICT_WINDOW) : match.start()]
+        head = head[head.rfind(b"obj") + 1 :]
+        layers = min(head.count(b"FlateDecode"), _MAX_FLATE_LAYERS)
+        if not layers or b"/Image" in head:
+            continue
+        output = _pieces(data, position)
+        for _ in range(layers):
+            output = _inflate(output)
+        try:
+            for piece in output:
+                total += len(piece)
+                if total > limit:
+                    raise DocumentTooLarge(
+                        f"{name} inflates to more than {limit:,} bytes of PDF data "
+                        "(a compression bomb, or a PDF too large for "
+                        "RAG_INGEST__MAX_INFLATED_BYTES); split it into smaller files"
+                    )
+        except zlib.error:
+            continue
 
 
 def _check_pages(name: str, pages: int, settings: IngestSettings) -> None:
@@ -180,7 +251,7 @@ def _read_with_pdfium(data: bytes, name: str, settings: IngestSettings) -> _PdfT
                 finally:
                     page.close()
 
-            budget = _Budget(name, settings.max_chars)
+            budget = _Budget(name, settings)
             texts, unreadable = _collect(name, pages, read_page, budget, (pypdfium2.PdfiumError,))
             return _PdfText(
                 pages=pages,
@@ -220,7 +291,7 @@ def _read_with_pypdf(data: bytes, name: str, settings: IngestSettings) -> _PdfTe
     def read_page(index: int) -> str:
         return reader.pages[index].extract_text()
 
-    budget = _Budget(name, settings.max_chars)
+    budget = _Budget(name, settings)
     texts, unreadable = _collect(name, pages, read_page, budget, failures)
     try:
         metadata = reader.metadata
@@ -238,6 +309,7 @@ def load_pdf(
     content_type: str | None = None,
 ) -> LoadedDocument:
     """Load a PDF as one section per page that has text, pages numbered from 1."""
+    check_inflated_size(data, name, settings.max_inflated_bytes)
     match settings.pdf_engine:
         case "pypdfium2":
             read = _read_with_pdfium(data, name, settings)

@@ -25,8 +25,9 @@ MAX_FIELD_BYTES = 64 * 1024
 class _Collector:
     """Callbacks for python-multipart that route file parts to blob writers."""
 
-    def __init__(self, service: DocumentService) -> None:
+    def __init__(self, service: DocumentService, file_fields: tuple[str, ...]) -> None:
         self.service = service
+        self.file_fields = file_fields
         self.uploads: list[PendingUpload] = []
         self.fields: dict[str, bytes] = {}
         self._headers: dict[bytes, bytes] = {}
@@ -75,9 +76,11 @@ class _Collector:
             raise InvalidRequest("every multipart part needs Content-Disposition: form-data; name=")
         name = options[b"name"].decode("utf-8", "replace")
         filename = options.get(b"filename")
-        if name == FILE_FIELD or filename is not None:
-            if name != FILE_FIELD:
-                raise InvalidRequest(f"send files in parts named {FILE_FIELD!r}, not {name!r}")
+        if name in self.file_fields or filename is not None:
+            if name not in self.file_fields:
+                raise InvalidRequest(
+                    f"send files in parts named {self.file_fields[0]!r}, not {name!r}"
+                )
             if len(self.uploads) >= self.service.settings.max_files_per_request:
                 raise InvalidRequest(
                     "too many files in one upload; the limit is "
@@ -120,8 +123,13 @@ def parse_metadata(raw: bytes | str | None) -> dict[str, Any]:
     return value
 
 
-async def receive_files(request: Request, service: DocumentService) -> list[PendingUpload]:
-    """Stream a multipart body into pending uploads; the caller registers them."""
+async def receive_files(
+    request: Request, service: DocumentService, *, file_fields: tuple[str, ...] = (FILE_FIELD,)
+) -> list[PendingUpload]:
+    """Stream a multipart body into pending uploads; the caller registers them.
+
+    File parts must be named one of ``file_fields``.
+    """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -134,7 +142,7 @@ async def receive_files(request: Request, service: DocumentService) -> list[Pend
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    collector = _Collector(service)
+    collector = _Collector(service, file_fields)
     parser = MultipartParser(boundary, cast(Any, collector.callbacks()))
     received = 0
     try:

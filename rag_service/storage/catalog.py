@@ -97,6 +97,29 @@ class Catalog(ChunkQueries):
         """The calling thread's connection, for single reads."""
         return self._conn()
 
+    @contextmanager
+    def consistent_read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every read of this thread inside sees one state.
+
+        Outside one, each statement sees the latest commit, so two reads can
+        straddle a commit (a document's old chunks from the first, its new
+        ones gone missing in the second).  Nested uses join the outer
+        transaction; inside one this thread must not write.
+        """
+        conn = self._conn()
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN DEFERRED")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
     def close(self) -> None:
         """Close every connection this catalog opened."""
         with self._lock:

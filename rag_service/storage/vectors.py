@@ -7,6 +7,13 @@ Chunk ids are never reused, so that is all it takes.  Before every search the
 collection's change counter is compared with the one the index was synced
 at, so chunks committed or deleted by another process are seen at once.
 
+A catch-up reads the catalog in one read transaction and only ever moves
+an index forward, so the version an index is marked with always describes
+its contents exactly.  A caller that reads the catalog in a transaction of
+its own (retrieval does) passes that transaction's version to ``search``:
+the index is caught up to exactly that state, or ``IndexAhead`` says another
+thread already moved it past it and the caller should read again.
+
 Snapshots are written to a temporary file, fsynced and renamed; temporary
 files abandoned by writers killed mid-write are removed by a later writer.
 """
@@ -18,6 +25,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +72,10 @@ def _remove_abandoned_tmp_files(folder: Path) -> None:
                 log.info("removed abandoned snapshot temp file path=%s", tmp)
         except FileNotFoundError:  # another process cleaned it first
             continue
+
+
+class IndexAhead(Exception):
+    """The index already holds a newer state than the caller's read transaction."""
 
 
 @dataclass
@@ -143,62 +156,93 @@ class VectorStore:
             return self._indexes.setdefault(collection, fresh)
 
     def sync(self, collection: str) -> _Loaded:
-        """Bring a collection's index up to the catalog's current state."""
-        try:
-            coll_id, version = self.catalog.collection_version(collection)
-        except CollectionNotFound:
-            self.forget(collection)
-            raise
-        loaded = self._get(collection)
-        if loaded.collection_id != coll_id:  # deleted and re-created under the same name
-            self.forget(collection)
+        """Bring a collection's index up to the catalog's current state.
+
+        Inside a caller's ``Catalog.consistent_read`` that is the state the
+        caller sees, unless the index is already past it (never moved back).
+        """
+        with self.catalog.consistent_read():
+            try:
+                coll_id, version = self.catalog.collection_version(collection)
+            except CollectionNotFound:
+                self.forget(collection)
+                raise
             loaded = self._get(collection)
-        if loaded.version == version:
-            return loaded
-        with loaded.lock:
-            if loaded.version == version:
-                return loaded
-            added = removed = 0
-            for ids, vecs in self.catalog.vectors_after(coll_id, loaded.max_id, loaded.dim):
-                loaded.index.add_with_ids(vecs, ids)
-                loaded.max_id = int(ids[-1])
-                added += len(ids)
-            if loaded.index.ntotal != self.catalog.chunk_count(coll_id):
-                current = self.catalog.chunk_ids(coll_id)
-                stale = np.setdiff1d(self._index_ids(loaded.index), current, assume_unique=True)
-                if len(stale):
-                    removed = int(loaded.index.remove_ids(stale))
-                missing = np.setdiff1d(current, self._index_ids(loaded.index), assume_unique=True)
-                if len(missing):  # a snapshot from before a rebuild: fill the holes
-                    ids, vecs = self.catalog.vectors_for(missing.tolist(), loaded.dim)
-                    loaded.index.add_with_ids(vecs, ids)
-                    added += len(ids)
-                    if len(ids):
-                        # chunks committed while this sync ran are among the holes;
-                        # without this the next sync would add them a second time
-                        loaded.max_id = max(loaded.max_id, int(ids.max()))
-            loaded.version = version
-            if added or removed:
-                loaded.dirty = True
-                log.info(
-                    "index synced collection=%s added=%d removed=%d total=%d",
-                    collection,
-                    added,
-                    removed,
-                    loaded.index.ntotal,
-                )
+            if loaded.collection_id != coll_id:  # deleted and re-created under the same name
+                self.forget(collection)
+                loaded = self._get(collection)
+            if loaded.version < version:
+                with loaded.lock:
+                    self._catch_up(collection, loaded, coll_id, version)
         if loaded.dirty and time.monotonic() - loaded.snapshot_at > self.snapshot_every_s:
             self.snapshot(collection)
         return loaded
 
+    def _catch_up(self, collection: str, loaded: _Loaded, coll_id: int, version: int) -> None:
+        """Apply the catalog's adds and removes; the caller holds the lock and a read txn."""
+        if loaded.version >= version:
+            return
+        added = removed = 0
+        for ids, vecs in self.catalog.vectors_after(coll_id, loaded.max_id, loaded.dim):
+            loaded.index.add_with_ids(vecs, ids)
+            loaded.max_id = int(ids[-1])
+            added += len(ids)
+        if loaded.index.ntotal != self.catalog.chunk_count(coll_id):
+            current = self.catalog.chunk_ids(coll_id)
+            stale = np.setdiff1d(self._index_ids(loaded.index), current, assume_unique=True)
+            if len(stale):
+                removed = int(loaded.index.remove_ids(stale))
+            missing = np.setdiff1d(current, self._index_ids(loaded.index), assume_unique=True)
+            if len(missing):  # a snapshot from before a rebuild: fill the holes
+                ids, vecs = self.catalog.vectors_for(missing.tolist(), loaded.dim)
+                loaded.index.add_with_ids(vecs, ids)
+                added += len(ids)
+                if len(ids):
+                    # a chunk above max_id among the holes would otherwise be
+                    # added a second time by the next catch-up
+                    loaded.max_id = max(loaded.max_id, int(ids.max()))
+        loaded.version = version
+        if added or removed:
+            loaded.dirty = True
+            log.info(
+                "index synced collection=%s added=%d removed=%d total=%d",
+                collection,
+                added,
+                removed,
+                loaded.index.ntotal,
+            )
+
+    @contextmanager
+    def hold(self, collection: str) -> Iterator[None]:
+        """Keep every other thread from moving the collection's index meanwhile.
+
+        A read transaction begun inside sees the index's state or a newer one,
+        so ``search`` at its version cannot raise ``IndexAhead``.
+        """
+        loaded = self._get(collection)
+        with loaded.lock:
+            yield
+
     # -- searching -----------------------------------------------------------
 
     def search(
-        self, collection: str, query: npt.NDArray[np.float32], k: int
+        self,
+        collection: str,
+        query: npt.NDArray[np.float32],
+        k: int,
+        *,
+        version: int | None = None,
     ) -> list[tuple[int, float]]:
-        """The ``k`` nearest chunk ids by inner product, best first."""
+        """The ``k`` nearest chunk ids by inner product, best first.
+
+        With ``version`` (read in the caller's ``consistent_read``), the
+        search runs on exactly that state of the collection, or raises
+        ``IndexAhead``.
+        """
         loaded = self.sync(collection)
         with loaded.lock:
+            if version is not None and loaded.version != version:
+                raise IndexAhead(f"index of {collection!r} is past version {version}")
             if loaded.index.ntotal == 0:
                 return []
             scores, ids = loaded.index.search(

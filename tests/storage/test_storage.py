@@ -224,7 +224,8 @@ def test_a_commit_racing_a_catch_up_is_not_added_twice(tmp_path: Path) -> None:
             return count(collection_id)
 
         reader.chunk_count = commit_first  # type: ignore[method-assign]
-        assert len(store.ids("c")) == 5
+        # the catch-up reads one state of the catalog: the racing commit is the next one's
+        assert len(store.ids("c")) == 3
         add_document(writer, "y.txt", [6])
         ids = store.ids("c")
         assert list(ids) == list(reader.chunk_ids(reader.collection_version("c")[0]))

@@ -22,7 +22,7 @@ from rag_service.api.schemas import (
 from rag_service.api.uploads import receive_files
 from rag_service.errors import DocumentTooLarge, InvalidRequest
 from rag_service.services.documents import PendingUpload
-from rag_service.services.validation import collection_name
+from rag_service.services.validation import collection_name, source_name
 
 router = APIRouter(prefix="/v1/collections", tags=["documents"])
 
@@ -92,7 +92,11 @@ async def _json_uploads(request: Request, documents: DocumentsDep) -> list[Pendi
     try:
         payload = TextUploadIn.model_validate(json.loads(body))
     except ValueError as exc:  # json and pydantic errors alike
-        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        detail = str(exc)
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            detail = f"{where}: {first['msg']}" if where else first["msg"]
         raise InvalidRequest(f"invalid JSON body: {detail}") from exc
     uploads: list[PendingUpload] = []
     try:
@@ -133,6 +137,91 @@ async def upload_documents(
         uploads = await _json_uploads(request, documents)
     else:
         uploads = await receive_files(request, documents)
+    try:
+        receipt = await run_in_threadpool(documents.register, collection, uploads)
+    except BaseException:
+        documents.abort(uploads)
+        raise
+    return UploadResponse(
+        job_id=receipt.job_id, documents=[DocumentOut.of(d) for d in receipt.documents]
+    )
+
+
+PUT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "metadata": {
+                            "type": "string",
+                            "description": "JSON object attached to the document.",
+                        },
+                    },
+                    "required": ["file"],
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _raw_upload(request: Request, documents: DocumentsDep, source: str) -> PendingUpload:
+    declared = request.headers.get("content-length", "")
+    limit = documents.settings.max_file_bytes
+    if declared.isdigit() and int(declared) > limit:
+        raise DocumentTooLarge(
+            f"{source} is over the {limit} byte limit (RAG_INGEST__MAX_FILE_BYTES)"
+        )
+    content_type = request.headers.get("content-type") or None
+    upload = documents.start_upload(source, content_type=content_type)
+    try:
+        async for piece in request.stream():
+            upload.writer.write(piece)
+    except BaseException:
+        documents.abort([upload])
+        raise
+    return upload
+
+
+@router.put(
+    "/{collection}/documents/{source}",
+    status_code=202,
+    response_model=UploadResponse,
+    responses=ERRORS,
+    openapi_extra=PUT_BODY,
+)
+async def put_document(
+    collection: str, source: str, request: Request, documents: DocumentsDep, auth: AuthDep
+) -> UploadResponse:
+    """Upload a new version of the document named `source` (URL-encoded in the path).
+
+    Send one file, as a multipart `file` (or `files`) part or as the raw
+    request body; its own file name is ignored.  Answers `202` with the job
+    and the document, as an upload does: once indexed, the new version
+    replaces the chunks of the older ones in one step, so a query sees the
+    old version or the new one, never both.  The same bytes as a document
+    already in the collection map to that document.
+    """
+    collection_name(collection)
+    # The router has already URL-decoded the segment.  An upload's name loses
+    # any folder part; here that would silently name another document.
+    if "/" in source or "\\" in source:
+        raise InvalidRequest(f"document name {source[:80]!r} must not contain '/' or '\\'")
+    name = source_name(source)
+    auth.require("write", collection)
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        uploads = await receive_files(request, documents, file_fields=("file", "files"))
+        if len(uploads) != 1:
+            documents.abort(uploads)
+            raise InvalidRequest(f"send exactly one file part named 'file'; got {len(uploads)}")
+        uploads[0].source = name
+    else:
+        uploads = [await _raw_upload(request, documents, name)]
     try:
         receipt = await run_in_threadpool(documents.register, collection, uploads)
     except BaseException:
