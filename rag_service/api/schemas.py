@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rag_service.llm.base import Usage as UsageValue
 from rag_service.retrieval import RetrievalMode
-from rag_service.services.query import Answer, Retrieval
-from rag_service.services.query import Source as SourceValue
+from rag_service.services.answers import Answer, Retrieval
+from rag_service.services.answers import Source as SourceValue
 from rag_service.storage.filters import ChunkFilter, MetadataScalar
 from rag_service.storage.records import Collection, Document, Job
 from rag_service.strategies import Cost as CostValue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from rag_service.config import QuerySettings
 from rag_service.embedding import Embedder
@@ -26,82 +26,21 @@ from rag_service.prompting import (
 from rag_service.rerank import Reranker
 from rag_service.retrieval import (
     RankedChunk,
-    RetrievalMode,
     Retriever,
     check_filter,
     check_mode,
 )
+from rag_service.services.answers import Answer, Retrieval, Source
+from rag_service.services.conversation import HISTORY_TOKENS, recent_turns, search_text
 from rag_service.services.validation import bounded_int, collection_name
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter
 from rag_service.storage.records import Collection
 from rag_service.storage.vectors import VectorStore
-from rag_service.strategies import STRATEGIES, Context, Cost, Draft, Plan, StrategyName
+from rag_service.strategies import STRATEGIES, Context, Cost, Draft, Plan
 from rag_service.strategies import run as run_strategy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Source:
-    """A retrieved chunk as callers see it."""
-
-    n: int
-    chunk_id: int
-    document_id: str
-    source: str
-    page: int | None
-    headings: tuple[str, ...]
-    start_char: int
-    end_char: int
-    text: str
-    #: What the mode ranked by: cosine (dense), BM25 (keyword) or RRF (hybrid).
-    score: float
-    dense_score: float | None = None
-    keyword_score: float | None = None
-    dense_rank: int | None = None
-    keyword_rank: int | None = None
-    #: The cross-encoder's score, when reranking reordered the candidates.
-    rerank_score: float | None = None
-
-
-@dataclass(frozen=True)
-class Retrieval:
-    """Ranked chunks and what finding them cost."""
-
-    results: list[Source]
-    timings: dict[str, float]
-    mode: RetrievalMode = "dense"
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A model's answer with the sources it was given and the ones it cited."""
-
-    answer: str
-    sources: list[Source]
-    citations: list[int]
-    invalid_citations: list[int]
-    usage: Usage
-    timings: dict[str, float]
-    model: str
-    degraded: bool = False
-    degraded_reason: str | None = None
-    #: "model": the answer's own ``[n]``; "inferred": matched from its words; "none".
-    citation_mode: str = "none"
-    mode: RetrievalMode = "dense"
-    #: False when the service abstained: the sources do not hold the answer.
-    answerable: bool = True
-    #: Why it abstained: no_sources, low_retrieval_score or model_declined.
-    abstain_reason: str | None = None
-    strategy: StrategyName = "direct"
-    #: The step-by-step reasoning (cot, self_consistency), apart from the answer.
-    reasoning: str | None = None
-    #: Share of self_consistency samples that agreed with the returned answer.
-    agreement: float | None = None
-    #: Draft sentences reflection found unsupported and removed.
-    unsupported: tuple[str, ...] = ()
-    cost: Cost = field(default_factory=Cost)
 
 
 @dataclass(frozen=True)
@@ -490,36 +429,6 @@ class QueryService:
         if not text:
             text = NO_ANSWER
         return text, valid, invalid
-
-
-#: Tokens of earlier conversation turns a prompt may carry.
-HISTORY_TOKENS = 300
-#: A question this short may lean on the previous one ("and for children?").
-FOLLOW_UP_WORDS = 12
-
-
-def search_text(question: str, history: Sequence[ChatMessage]) -> str:
-    """What to retrieve for: the question, after the user's previous one if it is short."""
-    if len(question.split()) > FOLLOW_UP_WORDS:
-        return question
-    earlier = [m.content for m in history if m.role == "user" and m.content.strip()]
-    return f"{earlier[-1]}\n{question}" if earlier else question
-
-
-def recent_turns(
-    history: Sequence[ChatMessage], count_tokens: Callable[[str], int]
-) -> tuple[ChatMessage, ...]:
-    """The latest user and assistant turns that fit ``HISTORY_TOKENS``, oldest first."""
-    kept: list[ChatMessage] = []
-    used = 0
-    for message in reversed(history):
-        if message.role == "system":
-            continue
-        used += count_tokens(message.content)
-        if used > HISTORY_TOKENS:
-            break
-        kept.append(message)
-    return tuple(reversed(kept))
 
 
 def _abstain(base: Answer, started: float, text: str, reason: str) -> Answer:

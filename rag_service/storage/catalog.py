@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from rag_service.errors import CollectionNotFound, DocumentNotFound, EmbeddingMismatch
+from rag_service.storage.blob_refs import BlobRefs
 from rag_service.storage.chunk_queries import ChunkQueries
 from rag_service.storage.records import (
     Collection,
@@ -52,7 +53,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class Catalog(ChunkQueries):
+class Catalog(ChunkQueries, BlobRefs):
     """Thread-safe access to ``catalog.sqlite3``; one connection per thread."""
 
     def __init__(self, path: Path) -> None:
@@ -389,45 +390,6 @@ class Catalog(ChunkQueries):
             conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
             conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
         conn.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
-
-    def _free_blobs(self, conn: sqlite3.Connection, shas: Sequence[str]) -> list[str]:
-        """The hashes no document uses any more, journalled in the same transaction.
-
-        The journal survives a crash between this commit and the unlink, so
-        the blob is removed at the next start instead of lingering.
-        """
-        freed = [sha for sha in dict.fromkeys(shas) if not self._blob_used(conn, sha)]
-        conn.executemany(
-            "INSERT OR IGNORE INTO freed_blobs(sha256) VALUES (?)", [(sha,) for sha in freed]
-        )
-        return freed
-
-    def blobs_removed(self, shas: Sequence[str]) -> None:
-        """Clear the journal entries of blobs whose files are gone."""
-        with self.write() as conn:
-            conn.executemany("DELETE FROM freed_blobs WHERE sha256 = ?", [(s,) for s in shas])
-
-    def pending_freed_blobs(self) -> list[str]:
-        """Freed blobs whose removal a crash may have interrupted, still unreferenced."""
-        conn = self.read()
-        return [
-            r[0]
-            for r in conn.execute(
-                "SELECT f.sha256 FROM freed_blobs f WHERE NOT EXISTS"
-                " (SELECT 1 FROM documents d WHERE d.sha256 = f.sha256)"
-            )
-        ]
-
-    @staticmethod
-    def _blob_used(conn: sqlite3.Connection, sha256: str) -> bool:
-        return (
-            conn.execute("SELECT 1 FROM documents WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
-            is not None
-        )
-
-    def referenced_blobs(self) -> set[str]:
-        """Every blob hash some document still points to."""
-        return {r[0] for r in self.read().execute("SELECT DISTINCT sha256 FROM documents")}
 
     # -- ingestion -----------------------------------------------------------
 

@@ -41,7 +41,8 @@ from rag_service.api.openai_schemas import (
 from rag_service.api.schemas import ErrorResponse, QueryOut
 from rag_service.errors import EmbeddingMismatch, InvalidRequest
 from rag_service.llm.base import ChatMessage
-from rag_service.services.query import Answer, Prepared, QueryService
+from rag_service.services.answers import Answer
+from rag_service.services.query import Prepared, QueryService
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -25,7 +25,8 @@ from rag_service.api.schemas import (
     RetrieveOut,
     SourceOut,
 )
-from rag_service.services.query import Answer, Prepared, QueryService
+from rag_service.services.answers import Answer
+from rag_service.services.query import Prepared, QueryService
 
 router = APIRouter(prefix="/v1", tags=["query"])
 
