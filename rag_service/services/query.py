@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from rag_service.config import QuerySettings
 from rag_service.embedding import Embedder
@@ -37,7 +38,7 @@ from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter
 from rag_service.storage.records import Collection
 from rag_service.storage.vectors import VectorStore
-from rag_service.strategies import STRATEGIES, Context, Cost, Draft, Plan
+from rag_service.strategies import STRATEGIES, Context, Cost, Draft, Plan, StrategyName
 from rag_service.strategies import run as run_strategy
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class QueryService:
                 setting="RAG_QUERY__MAX_SAMPLES",
             )
         return Plan(
-            name,  # type: ignore[arg-type]  # checked against STRATEGIES above
+            cast(StrategyName, name),  # checked against STRATEGIES above
             n if name == "self_consistency" else 1,
             self.settings.sample_temperature,
         )
