@@ -159,10 +159,27 @@ def pack_context(
     return sources
 
 
+# Runs of the quote markers inside a document, which could otherwise close the
+# source block early and make the text after them read as the user's words.
+_MARKER_RUN = re.compile(r"<{3,}|>{3,}")
+
+
+def quote_data(text: str) -> str:
+    """``text`` made safe to place between the source markers.
+
+    A document that contains ``>>>`` would end the quoted block and could
+    then pose as the question or as instructions; every run of three or
+    more angle brackets becomes the same number of guillemets.
+    """
+    return _MARKER_RUN.sub(
+        lambda m: ("\u2039" if m.group()[0] == "<" else "\u203a") * len(m.group()), text
+    )
+
+
 def format_source(n: int, chunk: StoredChunk, text: str) -> str:
-    """One source block of the prompt."""
+    """One source block of the prompt, its text quoted as data."""
     where = chunk.source + (f", page {chunk.page}" if chunk.page is not None else "")
-    return f"[{n}] ({where})\n{text.strip()}\n"
+    return f"[{n}] ({quote_data(where)})\n{quote_data(text.strip())}\n"
 
 
 DIRECT_INSTRUCTIONS = (

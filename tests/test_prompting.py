@@ -9,6 +9,7 @@ from rag_service.prompting import (
     extract_citations,
     infer_citations,
     pack_context,
+    quote_data,
     strip_invalid_citations,
 )
 from rag_service.storage.records import StoredChunk
@@ -62,3 +63,11 @@ def test_inferred_citations_credit_the_source_holding_the_words() -> None:
     ]
     assert infer_citations("Bees make honey out of nectar.", sources) == [2]
     assert infer_citations("Something else entirely unrelated here.", sources) == []
+
+
+def test_quote_data_neutralises_the_source_markers_only() -> None:
+    text = "a >>> b <<<< c >> d <tag> e"
+    quoted = quote_data(text)
+    assert ">>>" not in quoted and "<<<" not in quoted
+    assert quoted == "a \u203a\u203a\u203a b \u2039\u2039\u2039\u2039 c >> d <tag> e"
+    assert len(quoted) == len(text)
