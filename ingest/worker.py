@@ -1,7 +1,13 @@
 """The job loop: claim a job, ingest its documents, report, repeat.
 
 A bad document fails itself with a message and the loop goes on; nothing a
-document does stops the worker.
+document does stops the worker.  While one document of a job embeds, the
+next one is read and chunked on a background thread (a prefetch of one), so
+the encoder does not wait for the parser between documents.
+
+A worker asked to stop gives its job back between two documents; one that
+dies leaves the document in flight marked ``processing``, which is how the
+queue's poison guard knows what killed it (see ``rag_service.storage.jobs``).
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from types import TracebackType
 
-from ingest.pipeline import IngestPipeline
-from rag_service.errors import DocumentError
+from ingest.pipeline import IngestPipeline, PreparedDocument
+from rag_service.errors import DocumentError, EmbeddingMismatch
 from rag_service.storage.jobs import JobQueue
-from rag_service.storage.records import Job
+from rag_service.storage.records import Document, Job
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +49,15 @@ class Worker:
         self.on_indexed = on_indexed
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._wake = threading.Event()
+        self._stop: threading.Event | None = None
 
     def wake(self) -> None:
         """Look for work now instead of at the next poll."""
         self._wake.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set."""
+        """Process jobs until ``stop`` is set; a job in progress is given back."""
+        self._stop = stop
         log.info("worker started name=%s", self.name)
         while not stop.is_set():
             try:
@@ -74,8 +84,21 @@ class Worker:
             "job claimed id=%s documents=%d worker=%s", job.id, len(job.document_ids), self.name
         )
         tally = _Tally()
-        for doc_id in job.document_ids:
-            self._process_document(job, doc_id, tally)
+        ids = job.document_ids
+        with _Prefetch(self.pipeline, self.name) as prefetch:
+            for i, doc_id in enumerate(ids):
+                if self._stop is not None and self._stop.is_set():
+                    self.queue.progress(
+                        job.id,
+                        self.name,
+                        docs_done=tally.done,
+                        docs_failed=tally.failed,
+                        chunks_done=tally.chunks,
+                    )
+                    self.queue.release(job.id, self.name)
+                    log.info("job released id=%s worker=%s done=%d", job.id, self.name, i)
+                    return
+                self._process_document(job, doc_id, tally, prefetch, ids[i + 1 : i + 2])
         self.queue.progress(
             job.id,
             self.name,
@@ -91,12 +114,31 @@ class Worker:
         self.queue.finish(job.id, self.name, error=error)
         log.info("job finished id=%s done=%d failed=%d", job.id, tally.done, tally.failed)
 
-    def _process_document(self, job: Job, doc_id: str, tally: _Tally) -> None:
+    def _process_document(
+        self,
+        job: Job,
+        doc_id: str,
+        tally: _Tally,
+        prefetch: _Prefetch,
+        following: tuple[str, ...],
+    ) -> None:
+        prefetched = prefetch.take(doc_id)
         document = self.catalog.document_by_id(doc_id)
         if document is None or document.status == "indexed":
             # deleted meanwhile, or indexed before a predecessor of this worker died
+            if prefetched is not None:
+                prefetched.cancel()
+            self._prefetch(following, prefetch)
             tally.done += 1
             tally.chunks += document.chunk_count if document else 0
+            return
+        if document.status == "failed":
+            # failed earlier in this job, by a predecessor or by the poison guard
+            if prefetched is not None:
+                prefetched.cancel()
+            self._prefetch(following, prefetch)
+            tally.failed += 1
+            tally.failures.append(f"{document.source}: {document.error}")
             return
         self.catalog.set_document_status(doc_id, "processing")
 
@@ -112,25 +154,89 @@ class Worker:
             )
 
         try:
-            result = self.pipeline.process(document, report)
-        except DocumentError as exc:
+            if prefetched is None:
+                prepared = self.pipeline.prepare(document, report)
+            else:
+                # the row read now wins over the one read when the prefetch began
+                prepared = replace(prefetched.result(), document=document)
+            self._prefetch(following, prefetch)
+            result = self.pipeline.index(prepared, report)
+        except (DocumentError, EmbeddingMismatch) as exc:
             message = exc.message
             log.info("document failed id=%s source=%s error=%s", doc_id, document.source, exc)
         except Exception as exc:  # a bug or a broken model fails the document, not the worker
             if self.catalog.document_by_id(doc_id) is None:  # deleted while being ingested
                 tally.done += 1
+                self.queue.document_finished(job.id, self.name)
                 return
             message = f"internal error while ingesting: {exc}"
             log.exception("document crashed id=%s source=%s", doc_id, document.source)
         else:
             tally.done += 1
             tally.chunks += result.chunks
+            self.queue.document_finished(job.id, self.name)
             if result.committed and self.on_indexed is not None:
                 self.on_indexed(job.collection)
             return
         tally.failed += 1
         tally.failures.append(f"{document.source}: {message}")
         self.catalog.set_document_status(doc_id, "failed", error=message)
+        self.queue.document_finished(job.id, self.name)
+
+    def _prefetch(self, following: tuple[str, ...], prefetch: _Prefetch) -> None:
+        """Start preparing the next document, read now so a deleted one is not."""
+        for next_id in following:
+            upcoming = self.catalog.document_by_id(next_id)
+            if upcoming is not None and upcoming.status != "indexed":
+                prefetch.start(upcoming)
+
+
+class _Prefetch:
+    """Reads and chunks at most one upcoming document on a background thread.
+
+    The thread is started by the first ``start`` and joined on exit, so a
+    job leaves no thread behind; a document is prepared at most once, and a
+    result nobody takes (the document was deleted meanwhile) is dropped.
+    """
+
+    def __init__(self, pipeline: IngestPipeline, worker: str) -> None:
+        self._pipeline = pipeline
+        self._worker = worker
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: tuple[str, Future[PreparedDocument]] | None = None
+
+    def start(self, document: Document) -> None:
+        """Begin preparing ``document`` unless a document is already pending."""
+        if self._pending is not None:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-prefetch")
+        log.debug("prefetch started document=%s worker=%s", document.id, self._worker)
+        self._pending = (document.id, self._executor.submit(self._pipeline.prepare, document))
+
+    def take(self, document_id: str) -> Future[PreparedDocument] | None:
+        """The pending preparation of ``document_id``, if it is the one pending."""
+        if self._pending is None or self._pending[0] != document_id:
+            return None
+        future = self._pending[1]
+        self._pending = None
+        return future
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
 
 @dataclass

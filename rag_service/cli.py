@@ -1,4 +1,4 @@
-"""The ``rag`` command: serve, worker, ingest, ask, eval, keys, backup, restore, config."""
+"""The ``rag`` command: serve, worker, ingest, reindex, ask, eval, keys, backup, restore, config."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ from rag_service.config import Settings
 from rag_service.errors import RagError
 from rag_service.evaluation.command import eval_command
 from rag_service.runtime import Runtime
+from rag_service.services.validation import collection_name
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter, MetadataCondition, MetadataScalar
 from rag_service.storage.keys import KeyStore
 from rag_service.storage.records import Job
+from rag_service.storage.vectors import VectorStore
 
 app = typer.Typer(
     help="Retrieval-augmented generation service: upload documents, ask cited questions.",
@@ -119,6 +121,55 @@ def ingest(
                 out.print(f"  {status:<9} {doc.source}  {chunks} chunks{note}", highlight=False)
             if job.status == "failed":
                 raise typer.Exit(code=1)
+    except RagError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def reindex(
+    collection: Annotated[str, typer.Argument(help="The collection to rebuild.")],
+    index: Annotated[
+        str,
+        typer.Option(
+            "--index",
+            help="Index spec: flat, hnsw[:m=32,ef_construction=80,ef_search=128],"
+            " ivf[:nlist=1024,nprobe=16] or ivfpq[:nlist=1024,nprobe=16,m=48,nbits=8,rerank=8].",
+        ),
+    ],
+    create: Annotated[
+        bool, typer.Option(help="Create the collection (empty, with this index) if missing.")
+    ] = False,
+) -> None:
+    """Rebuild a collection's FAISS index as another type, without stopping searches.
+
+    A running ``rag serve`` on the same data directory keeps answering from
+    the old index and loads the new one once it is recorded.
+    """
+    settings = _settings()
+    _logging("INFO")
+    try:
+        if create:
+            with Runtime.open(settings) as runtime:
+                if collection not in {c.name for c in runtime.catalog.list_collections()}:
+                    spec = runtime.vectors.create_collection(
+                        collection_name(collection),
+                        runtime.embedder.model_id,
+                        runtime.embedder.dim,
+                        index,
+                    )
+                    out.print(f"created {collection} with index {spec}", highlight=False)
+                    return
+        catalog = Catalog(settings.data_dir / "catalog.sqlite3")
+        try:
+            vectors = VectorStore(catalog, settings.data_dir)
+            spec = vectors.reindex(collection_name(collection), index)
+            kind = vectors.index_info(collection)[1]
+            chunks = vectors.size(collection)
+        finally:
+            catalog.close()
+        out.print(
+            f"{collection}: {chunks} chunks now in {spec} (searching {kind})", highlight=False
+        )
     except RagError as exc:
         raise _fail(exc) from exc
 

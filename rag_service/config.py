@@ -48,8 +48,37 @@ def default_gguf_path() -> str:
     return ""
 
 
+#: The embedding backends ``make_embedder`` can build.
+EmbeddingBackend = Literal["torch", "onnx-int8"]
+
+
 class EmbeddingSettings(BaseModel):
-    """The sentence-transformers model that embeds chunks and questions."""
+    """The model that embeds chunks and questions, and the runtime that runs it."""
+
+    backend: EmbeddingBackend = Field(
+        "torch",
+        description=(
+            "torch: sentence-transformers in fp32 (any model). onnx-int8: all-MiniLM-L6-v2 "
+            "with int8 matrix products on ONNX Runtime, built once from the torch weights "
+            "and cached (onnx_cache_dir), about twice as fast per CPU core. Vectors of "
+            "the two differ slightly, so a collection only answers to the backend that "
+            "embedded it."
+        ),
+    )
+    onnx_cache_dir: str = Field(
+        "",
+        description="onnx-int8: where the int8 graph built from the torch weights is kept, "
+        "keyed by their sha256 and the recipe (default: $XDG_CACHE_HOME/rag-service/onnx, "
+        "i.e. ~/.cache/rag-service/onnx). Built on first load, in seconds.",
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="onnx-int8: texts embedded side by side, each on one thread (0: one per "
+        "CPU core); torch ignores it (RAG_COMPUTE__TORCH_THREADS). Side by side beat one text "
+        "on two threads.",
+    )
 
     model: str = Field(
         "all-MiniLM-L6-v2",
@@ -60,6 +89,18 @@ class EmbeddingSettings(BaseModel):
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Chunks embedded per batch.")
     device: str = Field("cpu", description="torch device for the embedder.")
+
+    @model_validator(mode="after")
+    def _onnx_runs_its_model(self) -> EmbeddingSettings:
+        if self.backend == "onnx-int8":
+            if self.model.removeprefix("sentence-transformers/") != "all-MiniLM-L6-v2":
+                raise ValueError(
+                    "embedding.backend onnx-int8 runs only all-MiniLM-L6-v2; set "
+                    f"RAG_EMBEDDING__BACKEND=torch to run {self.model!r}"
+                )
+            if self.device != "cpu":
+                raise ValueError("embedding.backend onnx-int8 runs on the CPU only (device cpu)")
+        return self
 
 
 class ChunkingSettings(BaseModel):
@@ -107,6 +148,19 @@ class IngestSettings(BaseModel):
     pdf_engine: Literal["pypdfium2", "pypdf"] = Field(
         "pypdfium2", description="PDF text extractor: pypdfium2 (fast) or pypdf (pure Python)."
     )
+    pdf_isolation: Literal["process", "none"] = Field(
+        "process",
+        description="process: PDFs are read in a reused child process capped in memory "
+        "(max_extract_memory_mb) and killed after max_seconds_per_document, so a hostile PDF "
+        "cannot take the worker down; none: read in the worker's own process (for embedders "
+        "that cannot start child processes).",
+    )
+    max_extract_memory_mb: int = Field(
+        2048,
+        ge=256,
+        description="Address-space limit (RLIMIT_AS) of the PDF extraction child process, in "
+        "MiB; a PDF that needs more fails with a message instead of exhausting the machine.",
+    )
     worker_threads: int = Field(
         1, ge=0, le=16, description="Ingestion worker threads inside `rag serve` (0: none)."
     )
@@ -114,7 +168,13 @@ class IngestSettings(BaseModel):
         120.0, gt=0, description="A running job whose lease is older than this is requeued."
     )
     poll_interval_s: float = Field(1.0, gt=0, description="How often idle workers look for jobs.")
-    max_attempts: int = Field(3, ge=1, description="Claims of a job before it is failed.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times the worker may die (crash, kill) while the same document is in "
+        "flight before that document is failed and its job goes on; finishing a document "
+        "starts the count again and a clean shutdown does not count.",
+    )
 
 
 class QuerySettings(BaseModel):
@@ -205,6 +265,38 @@ class LLMSettings(BaseModel):
         1.2, ge=1.0, le=2.0, description="Local model: penalty on repeated tokens (1: none)."
     )
     threads: int = Field(0, ge=0, description="llama.cpp threads (0: all cores).")
+    threads_batch: int = Field(
+        0, ge=0, description="Local model: threads evaluating prompts (0: same as threads)."
+    )
+    batch_size: int = Field(
+        512,
+        ge=32,
+        description="Local model: prompt tokens handed to llama.cpp per decode call (n_batch).",
+    )
+    ubatch_size: int = Field(
+        512,
+        ge=32,
+        description="Local model: prompt tokens per compute step (n_ubatch, capped at "
+        "batch_size); larger steps use the CPU better and need a larger compute buffer.",
+    )
+    flash_attn: bool = Field(
+        True,
+        description="Local model: llama.cpp's fused attention kernel; cheaper attention over "
+        "long prompts, same answers.",
+    )
+    weights: Literal["auto", "file", "bf16", "f16", "q8_0"] = Field(
+        "auto",
+        description="Local model: weight type prompts are evaluated with. The GGUF file is "
+        "converted once and the copy cached (weights_cache_dir): 16-bit weights evaluate "
+        "prompts several times faster on a CPU than 4-bit ones and lose nothing a 4-bit file "
+        "still had. auto: bf16 on CPUs with AVX512-BF16, else f16, for files up to 400 MB "
+        "(larger files run as they are); file: the file as it is.",
+    )
+    weights_cache_dir: str = Field(
+        "",
+        description="Local model: where converted weights are kept (default: "
+        "$XDG_CACHE_HOME/rag-service/gguf, i.e. ~/.cache/rag-service/gguf).",
+    )
     max_queue: int = Field(
         8, ge=0, description="Local model: requests that may wait for it before 503."
     )
@@ -288,6 +380,33 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
 
 
+class ComputeSettings(BaseModel):
+    """Thread pools of the numeric libraries, set once at start (see rag_service/compute.py)."""
+
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="torch intra-op threads per embedding call (0: one per core). Questions "
+        "are embedded one batch at a time (query_batch), so at most the ingest worker and one "
+        "question batch use torch at once; 1 suits a machine other work keeps busy.",
+    )
+    faiss_threads: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="FAISS OpenMP threads (0: OpenMP's default, one per core). A one-question "
+        "search runs on one thread anyway; this bounds index builds and batch searches.",
+    )
+    query_batch: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Questions embedded concurrently are coalesced into one encode call of at "
+        "most this many, run one at a time (1: each question on its own).",
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the service."""
 
@@ -309,6 +428,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets shown as ``**********``."""

@@ -138,3 +138,14 @@ class SentenceTransformerEmbedder(Embedder):
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
         return self.embed_batch(texts)
+
+
+def make_embedder(settings: EmbeddingSettings) -> Embedder:
+    """The embedder ``settings.backend`` names, importing only that backend."""
+    match settings.backend:
+        case "torch":
+            return SentenceTransformerEmbedder(settings)
+        case "onnx-int8":
+            from rag_service.embedding_onnx import OnnxInt8Embedder
+
+            return OnnxInt8Embedder(settings)

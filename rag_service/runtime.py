@@ -19,8 +19,9 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from rag_service.compute import configure_compute
 from rag_service.config import Settings
-from rag_service.embedding import Embedder, SentenceTransformerEmbedder
+from rag_service.embedding import Embedder, make_embedder
 from rag_service.errors import RagError
 from rag_service.llm.base import ChatModel
 from rag_service.llm.factory import create_chat_model
@@ -70,7 +71,9 @@ class Runtime:
             max_attempts=settings.ingest.max_attempts,
         )
         self._owns_embedder = embedder is None
-        self.embedder = embedder or SentenceTransformerEmbedder(settings.embedding)
+        self.embedder = configure_compute(
+            settings.compute, embedder or make_embedder(settings.embedding)
+        )
         self._owns_chat_model = chat_model is None
         self._chat_model = chat_model
         self._chat_lock = threading.Lock()
@@ -140,13 +143,36 @@ class Runtime:
             with self._chat_lock:
                 if self._chat_model is None:
                     started = time.perf_counter()
-                    self._chat_model = create_chat_model(self.settings.llm)
+                    model = create_chat_model(self.settings.llm)
+                    try:
+                        # Before it is published: readiness says loading until warm.
+                        self._warm_chat_model(model)
+                    except BaseException:
+                        model.close()
+                        raise
+                    self._chat_model = model
                     log.info(
                         "chat model ready backend=%s seconds=%.1f",
                         self.settings.llm.backend,
                         time.perf_counter() - started,
                     )
         return self._chat_model
+
+    def _warm_chat_model(self, model: ChatModel) -> None:
+        """Evaluate the prompt prefix every question shares, once, in the local model."""
+        from rag_service.llm.local import warm_local_models
+        from rag_service.prompting import ContextSource, build_messages
+        from rag_service.storage.records import StoredChunk
+
+        # Two prompts as the query service builds them, differing in question
+        # and sources: what they share is what every prompt starts with.
+        chunk = StoredChunk(0, "", "probe.txt", 0, None, (), 0, 6, "Probe.")
+        system = self.settings.query.system_prompt
+        probes = [
+            build_messages("What?", [], system_prompt=system),
+            build_messages("Why?", [ContextSource(1, chunk, 1.0, "Probe.")], system_prompt=system),
+        ]
+        warm_local_models(model, probes)
 
     @property
     def chat_model_loaded(self) -> bool:

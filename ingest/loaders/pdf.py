@@ -16,6 +16,9 @@ a whole content stream in memory (a 2 MB file whose stream is 2 GB of zeros
 costs it 3 GB of RAM, and it aborts the process when an allocation fails).
 So the Flate streams are inflated once, in bounded steps and without
 keeping the output, to measure them before either engine sees the file.
+Other bombs (LZW, or Flate under ASCII85) and pages that keep PDFium busy are
+stopped by reading in a child process capped in memory and time
+(``ingest.pdf_isolation``, see ``ingest.loaders.isolation``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ingest.loaders.base import LoadedDocument, build_sections
 from rag_service.config import IngestSettings
@@ -89,7 +93,7 @@ def normalise_page_text(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class _PdfText:
+class PdfText:
     """What an engine read: the page count, text per page, title, author."""
 
     pages: int
@@ -97,6 +101,20 @@ class _PdfText:
     title: str | None
     author: str | None
     unreadable_pages: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict, the form in which it leaves the extraction child."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> PdfText:
+        return cls(
+            pages=int(value["pages"]),
+            page_texts=tuple(str(t) for t in value["page_texts"]),
+            title=value["title"],
+            author=value["author"],
+            unreadable_pages=tuple(int(n) for n in value["unreadable_pages"]),
+        )
 
 
 class _Budget:
@@ -222,7 +240,7 @@ def _clean_meta(value: object) -> str | None:
     return value or None
 
 
-def _read_with_pdfium(data: bytes, name: str, settings: IngestSettings) -> _PdfText:
+def _read_with_pdfium(data: bytes, name: str, settings: IngestSettings) -> PdfText:
     import pypdfium2
     import pypdfium2.raw as pdfium_c
 
@@ -253,7 +271,7 @@ def _read_with_pdfium(data: bytes, name: str, settings: IngestSettings) -> _PdfT
 
             budget = _Budget(name, settings)
             texts, unreadable = _collect(name, pages, read_page, budget, (pypdfium2.PdfiumError,))
-            return _PdfText(
+            return PdfText(
                 pages=pages,
                 page_texts=texts,
                 title=_clean_meta(pdf.get_metadata_value("Title")),
@@ -264,7 +282,7 @@ def _read_with_pdfium(data: bytes, name: str, settings: IngestSettings) -> _PdfT
             pdf.close()
 
 
-def _read_with_pypdf(data: bytes, name: str, settings: IngestSettings) -> _PdfText:
+def _read_with_pypdf(data: bytes, name: str, settings: IngestSettings) -> PdfText:
     from pypdf import PasswordType, PdfReader
     from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
 
@@ -299,7 +317,25 @@ def _read_with_pypdf(data: bytes, name: str, settings: IngestSettings) -> _PdfTe
         author = _clean_meta(metadata.author) if metadata is not None else None
     except failures:
         title = author = None
-    return _PdfText(pages, texts, title, author, unreadable)
+    return PdfText(pages, texts, title, author, unreadable)
+
+
+def read_pdf(data: bytes, name: str, settings: IngestSettings) -> PdfText:
+    """Measure the Flate streams, then read the text with the configured engine."""
+    check_inflated_size(data, name, settings.max_inflated_bytes)
+    match settings.pdf_engine:
+        case "pypdfium2":
+            return _read_with_pdfium(data, name, settings)
+        case "pypdf":
+            return _read_with_pypdf(data, name, settings)
+
+
+def read_pdf_json(data: bytes, name: str, settings: IngestSettings) -> dict[str, Any]:
+    """``read_pdf`` as the extraction child runs it."""
+    return read_pdf(data, name, settings).to_json()
+
+
+_CHILD_TARGET = f"{__name__}:read_pdf_json"
 
 
 def load_pdf(
@@ -309,12 +345,14 @@ def load_pdf(
     content_type: str | None = None,
 ) -> LoadedDocument:
     """Load a PDF as one section per page that has text, pages numbered from 1."""
-    check_inflated_size(data, name, settings.max_inflated_bytes)
-    match settings.pdf_engine:
-        case "pypdfium2":
-            read = _read_with_pdfium(data, name, settings)
-        case "pypdf":
-            read = _read_with_pypdf(data, name, settings)
+    match settings.pdf_isolation:
+        case "process":
+            from ingest.loaders.isolation import default_sandbox
+
+            reply = default_sandbox().run(_CHILD_TARGET, data, name, settings)
+            read = PdfText.from_json(reply)
+        case "none":
+            read = read_pdf(data, name, settings)
     if read.unreadable_pages and len(read.unreadable_pages) == read.pages:
         raise CorruptDocument(f"{name} is damaged: none of its {read.pages} pages can be read")
     sections = build_sections(

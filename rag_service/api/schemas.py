@@ -109,6 +109,14 @@ class JobOut(BaseModel):
         )
 
 
+INDEX_DESCRIPTION = (
+    "FAISS index type and parameters: `flat` (exact, the default), "
+    "`hnsw[:m=32,ef_construction=80,ef_search=128]`, `ivf[:nlist=1024,nprobe=16]` or "
+    "`ivfpq[:nlist=1024,nprobe=16,m=48,nbits=8,rerank=8]`. IVF types stay exact until "
+    "the collection holds enough chunks to train (39 per list)."
+)
+
+
 class CollectionOut(BaseModel):
     name: str
     embed_model: str
@@ -116,9 +124,11 @@ class CollectionOut(BaseModel):
     document_count: int
     chunk_count: int
     created_at: float
+    index: str = Field("flat", description="The collection's index spec, all parameters given.")
+    reindexing: bool = Field(False, description="A reindex is building a new index now.")
 
     @classmethod
-    def of(cls, c: Collection) -> CollectionOut:
+    def of(cls, c: Collection, *, reindexing: bool = False) -> CollectionOut:
         return cls(
             name=c.name,
             embed_model=c.embed_model,
@@ -126,7 +136,30 @@ class CollectionOut(BaseModel):
             document_count=c.document_count,
             chunk_count=c.chunk_count,
             created_at=c.created_at,
+            index=c.index_spec,
+            reindexing=reindexing,
         )
+
+
+#: The shape of a spec; which parameters each type takes and their ranges are checked after.
+INDEX_PATTERN = r"^(flat|hnsw|ivf|ivfpq)(:[a-z_]+=[0-9]+(,[a-z_]+=[0-9]+)*)?$"
+
+
+class CollectionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="The new collection's name.")
+    index: str = Field("flat", description=INDEX_DESCRIPTION, pattern=INDEX_PATTERN)
+
+
+class ReindexIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: str = Field(description=INDEX_DESCRIPTION, pattern=INDEX_PATTERN)
+
+
+class ReindexOut(BaseModel):
+    collection: str
+    index: str = Field(description="The spec being built, all parameters given.")
+    status: str = Field(description="`started`: searches use the old index until the swap.")
 
 
 class CollectionList(BaseModel):

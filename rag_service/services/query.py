@@ -10,7 +10,7 @@ from typing import cast
 
 from rag_service.config import QuerySettings
 from rag_service.embedding import Embedder
-from rag_service.errors import EmbeddingMismatch, InvalidRequest, ModelBusy, ModelError
+from rag_service.errors import InvalidRequest, ModelBusy, ModelError
 from rag_service.llm.base import ChatMessage, ChatModel, Usage
 from rag_service.prompting import (
     NO_ANSWER,
@@ -33,7 +33,7 @@ from rag_service.retrieval import (
 )
 from rag_service.services.answers import Answer, Retrieval, Source
 from rag_service.services.conversation import HISTORY_TOKENS, recent_turns, search_text
-from rag_service.services.validation import bounded_int, collection_name
+from rag_service.services.validation import bounded_int, collection_name, same_embedder
 from rag_service.storage.catalog import Catalog
 from rag_service.storage.filters import ChunkFilter
 from rag_service.storage.records import Collection
@@ -108,11 +108,9 @@ class QueryService:
             k, name="top_k", low=1, high=self.settings.max_top_k, setting="RAG_QUERY__MAX_TOP_K"
         )
         coll = self.catalog.get_collection(collection, counts=False)
-        if coll.embed_model != self.embedder.model_id or coll.dim != self.embedder.dim:
-            raise EmbeddingMismatch(
-                f"collection {collection!r} was embedded with {coll.embed_model} but the "
-                f"service runs {self.embedder.model_id}"
-            )
+        same_embedder(
+            collection, (coll.embed_model, coll.dim), (self.embedder.model_id, self.embedder.dim)
+        )
         return k, coll
 
     # -- retrieval -----------------------------------------------------------

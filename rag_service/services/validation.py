@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from rag_service.errors import InvalidRequest
+from rag_service.errors import EmbeddingMismatch, InvalidRequest
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: Folder names inside the data directory that a collection may not take.
@@ -46,3 +46,19 @@ def bounded_int(value: int, *, name: str, low: int, high: int, setting: str) -> 
     if not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low} and {high} ({setting}); got {value}")
     return value
+
+
+def same_embedder(collection: str, built_with: tuple[str, int], running: tuple[str, int]) -> None:
+    """Refuse to mix vectors: ``EmbeddingMismatch`` unless ``(model, dim)`` are equal.
+
+    The model id names the backend too (``all-MiniLM-L6-v2+onnx-int8``), so a
+    collection embedded by torch is never searched or extended with ONNX
+    vectors, or the other way round.
+    """
+    if built_with == running:
+        return
+    raise EmbeddingMismatch(
+        f"collection {collection!r} was embedded with {built_with[0]} ({built_with[1]} dims) "
+        f"but this process runs {running[0]} ({running[1]} dims); set RAG_EMBEDDING__MODEL "
+        "and RAG_EMBEDDING__BACKEND to what built it, or use another collection"
+    )

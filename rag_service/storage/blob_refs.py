@@ -8,7 +8,7 @@ the file's removal is finished at the next start.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 
@@ -32,6 +32,24 @@ class BlobRefs:
             "INSERT OR IGNORE INTO freed_blobs(sha256) VALUES (?)", [(sha,) for sha in freed]
         )
         return freed
+
+    def remove_freed_blobs(
+        self, shas: Sequence[str], remove: Callable[[list[str]], list[str]]
+    ) -> list[str]:
+        """Remove the files of freed blobs that no document uses, in one write transaction.
+
+        ``remove`` gets the unused hashes and returns those it removed (it
+        spares a blob an upload has pinned).  Holding the write lock across
+        the check and the unlink means no upload registers the same bytes in
+        between.  Journal entries of removed blobs, and of blobs in use
+        again, are cleared; a spared blob keeps its entry for a later release.
+        """
+        with self.write() as conn:
+            unused = [sha for sha in dict.fromkeys(shas) if not self._blob_used(conn, sha)]
+            removed = remove(unused) if unused else []
+            settled = [sha for sha in dict.fromkeys(shas) if sha not in unused or sha in removed]
+            conn.executemany("DELETE FROM freed_blobs WHERE sha256 = ?", [(s,) for s in settled])
+        return removed
 
     def blobs_removed(self, shas: Sequence[str]) -> None:
         """Clear the journal entries of blobs whose files are gone."""

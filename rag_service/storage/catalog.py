@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from rag_service.errors import CollectionNotFound, DocumentNotFound, EmbeddingMismatch
+from rag_service.errors import CollectionNotFound, DocumentNotFound
+from rag_service.services.validation import same_embedder
 from rag_service.storage.blob_refs import BlobRefs
 from rag_service.storage.chunk_queries import ChunkQueries
+from rag_service.storage.index_specs import IndexSpecs
 from rag_service.storage.records import (
     Collection,
     Document,
@@ -53,7 +55,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class Catalog(ChunkQueries, BlobRefs):
+class Catalog(ChunkQueries, BlobRefs, IndexSpecs):
     """Thread-safe access to ``catalog.sqlite3``; one connection per thread."""
 
     def __init__(self, path: Path) -> None:
@@ -165,6 +167,7 @@ class Catalog(ChunkQueries, BlobRefs):
             version=row["version"],
             document_count=docs,
             chunk_count=chunks,
+            index_spec=row["index_spec"],
         )
 
     def list_collections(self) -> list[Collection]:
@@ -196,12 +199,7 @@ class Catalog(ChunkQueries, BlobRefs):
                 (name, embed_model, dim, time.time()),
             )
             return int(cur.lastrowid or 0)
-        if row["embed_model"] != embed_model or row["dim"] != dim:
-            raise EmbeddingMismatch(
-                f"collection {name!r} was embedded with {row['embed_model']} "
-                f"({row['dim']} dims) but the service runs {embed_model} ({dim} dims); "
-                "use another collection or the model it was built with"
-            )
+        same_embedder(name, (row["embed_model"], row["dim"]), (embed_model, dim))
         return int(row["id"])
 
     def delete_collection(self, name: str) -> list[str]:

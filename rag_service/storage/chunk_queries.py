@@ -82,6 +82,31 @@ class ChunkQueries:
         vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found_ids), dim)
         return np.asarray(found_ids, dtype=np.int64), vecs
 
+    def replaced_vectors(
+        self, document_id: str, embed_model: str, dim: int
+    ) -> dict[str, npt.NDArray[np.float32]]:
+        """Vectors of the indexed versions a new document will replace, by chunk text.
+
+        Those are the other indexed documents under the same source name in
+        the same collection, when the collection is embedded by
+        ``embed_model``: a chunk whose text did not change keeps its vector
+        instead of being embedded again.
+        """
+        rows = (
+            self.read()
+            .execute(
+                "SELECT c.text, c.vector FROM documents n"
+                " JOIN collections k ON k.id = n.collection_id"
+                " JOIN documents d ON d.collection_id = n.collection_id AND d.source = n.source"
+                " JOIN chunks c ON c.document_id = d.id"
+                " WHERE n.id = ? AND d.id != n.id AND d.status = 'indexed'"
+                " AND k.embed_model = ? AND k.dim = ?",
+                (document_id, embed_model, dim),
+            )
+            .fetchall()
+        )
+        return {row[0]: np.frombuffer(row[1], dtype=np.float32) for row in rows}
+
     def get_chunks(self, ids: Sequence[int]) -> dict[int, StoredChunk]:
         """Chunks by id, joined with their documents; deleted ids are absent."""
         out: dict[int, StoredChunk] = {}

@@ -4,6 +4,15 @@ A worker claims the oldest queued job in one transaction that sets it
 ``running`` with ``lease_until``; it renews the lease as it reports progress.
 A running job whose lease has expired belongs to a worker that died, and is
 claimed again.  Any number of threads or processes can share the queue.
+
+The poison guard counts what a document costs, not how often a job was
+restarted.  ``attempts`` is the number of claims since a document of the
+job last finished: finishing one sets it back to 1 (the current claim), and
+a worker that stops cleanly gives its claim back (``release``).  A claim
+that finds ``attempts`` at ``max_attempts`` fails only the document that was
+in flight (``processing``) every time a worker died, with a message naming
+it, and the job goes on with the others; a job whose workers die before any
+document starts is failed whole.
 """
 
 from __future__ import annotations
@@ -66,9 +75,10 @@ class JobQueue:
     def claim(self, worker: str) -> Job | None:
         """Take the oldest claimable job, or None when there is none.
 
-        Jobs that have already been claimed ``max_attempts`` times (their
-        workers died each time) are failed instead of claimed again, so one
-        poisonous document cannot crash workers forever.
+        When the workers of a job died ``max_attempts`` times in a row while
+        the same document was in flight, that document is failed and skipped
+        instead, so one poisonous document cannot crash workers forever nor
+        cost the rest of its job.
         """
         now = time.time()
         with self.catalog.write() as conn:
@@ -80,6 +90,8 @@ class JobQueue:
                 ).fetchone()
                 if row is None:
                     return None
+                if row["attempts"] >= self.max_attempts and self._fail_in_flight(conn, row, now):
+                    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
                 if row["attempts"] >= self.max_attempts:
                     conn.execute(
                         "UPDATE jobs SET status = 'failed', stage = 'done', lease_until = NULL,"
@@ -106,6 +118,50 @@ class JobQueue:
                 )
                 claimed = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
                 return self._job(claimed, self._document_ids(conn, row["id"]))
+
+    def _fail_in_flight(self, conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> bool:
+        """Fail the documents a dying worker left ``processing``; False when there were none."""
+        in_flight = conn.execute(
+            "SELECT d.id, d.source FROM documents d JOIN job_documents j"
+            " ON j.document_id = d.id WHERE j.job_id = ? AND d.status = 'processing'",
+            (row["id"],),
+        ).fetchall()
+        if not in_flight:
+            return False
+        attempts = row["attempts"]
+        conn.executemany(
+            "UPDATE documents SET status = 'failed', error = ?, updated_at = ? WHERE id = ?",
+            [
+                (
+                    f"the ingestion worker stopped {attempts} times while ingesting {source} "
+                    "(it crashed or was killed); it was skipped. Upload it again to retry",
+                    now,
+                    doc_id,
+                )
+                for doc_id, source in in_flight
+            ],
+        )
+        conn.execute("UPDATE jobs SET attempts = 0 WHERE id = ?", (row["id"],))
+        return True
+
+    def document_finished(self, job_id: str, worker: str) -> None:
+        """A document of the job is done: the claim it ran under is the next one's first try."""
+        with self.catalog.write() as conn:
+            conn.execute(
+                "UPDATE jobs SET attempts = 1 WHERE id = ? AND worker = ? AND status = 'running'",
+                (job_id, worker),
+            )
+
+    def release(self, job_id: str, worker: str) -> None:
+        """Give a job back between documents (the worker is stopping); the claim does not count."""
+        with self.catalog.write() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = 'queued', stage = 'queued', worker = NULL,"
+                " lease_until = NULL,"
+                " attempts = max(attempts - 1, 0) WHERE id = ? AND worker = ?"
+                " AND status = 'running'",
+                (job_id, worker),
+            )
 
     def progress(
         self,

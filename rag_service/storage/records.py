@@ -25,6 +25,8 @@ class Collection:
     version: int
     document_count: int = 0
     chunk_count: int = 0
+    #: FAISS index type and parameters, e.g. ``flat`` or ``hnsw:m=32,...``.
+    index_spec: str = "flat"
 
 
 @dataclass(frozen=True)

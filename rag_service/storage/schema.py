@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -20,7 +20,9 @@ CREATE TABLE IF NOT EXISTS collections (
     created_at  REAL NOT NULL,
     -- bumped in every transaction that adds or removes chunks, so a process
     -- holding a FAISS copy can tell cheaply that it must catch up
-    version     INTEGER NOT NULL DEFAULT 0
+    version     INTEGER NOT NULL DEFAULT 0,
+    -- FAISS index type and parameters (rag_service.storage.faiss_index.IndexSpec)
+    index_spec  TEXT NOT NULL DEFAULT 'flat'
 );
 
 CREATE TABLE IF NOT EXISTS documents (
@@ -127,8 +129,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring a catalog written by an older version up to ``SCHEMA_VERSION``."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+    coll_columns = {row[1] for row in conn.execute("PRAGMA table_info(collections)")}
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if "index_spec" not in coll_columns:  # version 3 -> 4
+            conn.execute(
+                "ALTER TABLE collections ADD COLUMN index_spec TEXT NOT NULL DEFAULT 'flat'"
+            )
         # Version 2 -> 3 only adds api_keys, which SCHEMA creates if missing.
         if "accepted_seq" not in columns:  # version 1 -> 2
             conn.execute("ALTER TABLE documents ADD COLUMN accepted_seq INTEGER NOT NULL DEFAULT 0")

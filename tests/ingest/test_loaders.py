@@ -571,7 +571,13 @@ def test_one_unreadable_page_does_not_lose_the_others(
         return real_normalise(text)
 
     monkeypatch.setattr(pdf_loader, "normalise_page_text", fail_on_page_two)
-    doc = load(make_pdf(["page one", "page two", "page three"]), "a.pdf", pdf_engine=engine)
+    # in-process: the child process would not see the patched function
+    doc = load(
+        make_pdf(["page one", "page two", "page three"]),
+        "a.pdf",
+        pdf_engine=engine,
+        pdf_isolation="none",
+    )
     assert [s.page for s in doc.sections] == [1, 3]
     assert doc.metadata["unreadable_pages"] == "2"
 
@@ -585,7 +591,7 @@ def test_pdf_with_no_readable_page_is_corrupt(
 
     monkeypatch.setattr(pdf_loader, "normalise_page_text", always_fail)
     with pytest.raises(CorruptDocument, match="none of its 2 pages"):
-        load(make_pdf(["one", "two"]), "a.pdf", pdf_engine=engine)
+        load(make_pdf(["one", "two"]), "a.pdf", pdf_engine=engine, pdf_isolation="none")
 
 
 def test_page_text_normalisation() -> None:

@@ -68,3 +68,31 @@ def test_bytes_uploaded_again_after_a_delete_are_not_removed_at_start(tmp_path: 
         again = rt.documents.add_bytes("c", [("a.txt", b"alpha")]).documents[0]
     with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
         assert rt.blobs.path(again.sha256).exists()
+
+
+class OtherBackend(HashEmbedder):
+    """Same dimension, another model id: as the ONNX backend is to the torch one."""
+
+    model_id = "hash-embedder+other-backend"
+
+
+def test_a_worker_running_another_embedder_fails_the_document_and_adds_no_vectors(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
+        receipt = rt.documents.add_bytes("c", [("a.txt", b"alpha words")])
+    # a worker process started with the other backend claims the queued job
+    with Runtime.open(settings, embedder=OtherBackend(), chat_model=ScriptedChatModel()) as rt:
+        assert rt.make_worker().run_once() is True
+        doc = rt.catalog.document_by_id(receipt.documents[0].id)
+        assert doc is not None and doc.status == "failed"
+        assert "embedded with hash-embedder (16 dims)" in (doc.error or "")
+        assert "RAG_EMBEDDING__BACKEND" in (doc.error or "")
+        assert rt.catalog.get_collection("c").chunk_count == 0
+    # the right worker can still index it after a retry
+    with Runtime.open(settings, embedder=HashEmbedder(), chat_model=ScriptedChatModel()) as rt:
+        again = rt.documents.add_bytes("c", [("a.txt", b"alpha words")])
+        assert rt.make_worker().run_once() is True
+        assert rt.jobs.get(again.job_id).status == "succeeded"
+        assert rt.vectors.size("c") == 1

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from rag_service.errors import ModelBusy
-from rag_service.llm.local import TurnGate
+from rag_service.llm.turn_gate import TurnGate
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

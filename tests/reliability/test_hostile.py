@@ -9,7 +9,9 @@ tests/ingest/test_loaders.py) is not repeated here except as corpus members.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import select
 import socket
 import sqlite3
@@ -26,6 +28,7 @@ import httpx
 import pytest
 
 from ingest.loaders import load_document
+from ingest.loaders.pdf import check_inflated_size
 from rag_service.config import IngestSettings, Settings
 from rag_service.embedding import SentenceTransformerEmbedder
 from rag_service.errors import DocumentTooLarge
@@ -39,6 +42,8 @@ BOUNDARY = "HostileBoundary"
 MAX_CHUNKS = 1000
 # Wall time any single case may take, upload to finished job.
 CASE_SECONDS = 120.0
+# Memory cap of the PDF extraction child in the app under test.
+MEMORY_MB = 512
 
 
 # -- generators ----------------------------------------------------------------
@@ -109,6 +114,80 @@ def double_flate_bomb_pdf() -> bytes:
     """A stream compressed twice: 1 GiB of zeros in a couple of kilobytes."""
     twice = zlib.compress(zeros_deflate(1024 * MiB), 9)
     return build_pdf(pdf_page(stream(twice, b"/Filter [/FlateDecode /FlateDecode]")))
+
+
+def _text_and(bomb: bytes) -> bytes:
+    """One page: a readable text stream, then ``bomb`` as its second content stream."""
+    objects = pdf_page(stream(b"BT /F1 12 Tf 72 720 Td (Hello bomb) Tj ET"))
+    objects[2] = objects[2].replace(b"/Contents 4 0 R", b"/Contents [4 0 R 6 0 R]")
+    return build_pdf([*objects, bomb])
+
+
+def ascii85_flate_bomb_pdf() -> bytes:
+    """2 GiB of zeros, deflated then ASCII85-encoded: the Flate pre-scan cannot inflate it."""
+    encoded = base64.a85encode(zeros_deflate(2048 * MiB)) + b"~>"
+    return _text_and(stream(encoded, b"/Filter [/ASCII85Decode /FlateDecode]"))
+
+
+def lzw_zeros(total: int) -> bytes:
+    """An LZWDecode stream (EarlyChange 1) of at least ``total`` zero bytes.
+
+    For zeros the codes are known: after a clear, ``0`` then 258, 259, ...,
+    code 256 + k standing for k zeros; the table is cleared before it fills.
+    About 2,600 output bytes per input byte, the most LZW allows.
+    """
+    out = bytearray()
+    acc = bits = 0
+
+    def put(code: int, width: int) -> None:
+        nonlocal acc, bits
+        acc = (acc << width) | code
+        bits += width
+        while bits >= 8:
+            bits -= 8
+            out.append((acc >> bits) & 0xFF)
+        acc &= (1 << bits) - 1
+
+    produced, width = 0, 9
+    while produced < total:
+        put(256, width)  # clear, read at the width in force
+        width, next_code = 9, 258
+        put(0, width)
+        produced += 1
+        for code in range(258, 258 + 3700):
+            put(code, width)
+            produced += code - 256
+            next_code += 1
+            if next_code + 1 >= 1 << width and width < 12:
+                width += 1
+    put(257, width)
+    if bits:
+        put(0, 8 - bits)
+    return bytes(out)
+
+
+def lzw_bomb_pdf() -> bytes:
+    """2 GiB of zeros in about 1.6 MB of LZW, a filter the Flate pre-scan does not read."""
+    return _text_and(stream(lzw_zeros(2048 * MiB), b"/Filter /LZWDecode"))
+
+
+def nested_forms_pdf(depth: int) -> bytes:
+    """A page that draws form 1, which draws form 2 twice, ... : 2**depth tiny paths.
+
+    A few kilobytes that keep PDFium inside one call for a long time, building
+    page objects all along: slow and memory-hungry, and no stream is large.
+    """
+    objects = pdf_page(stream(b"BT /F1 12 Tf 72 720 Td (Forms page) Tj ET /X Do"))
+    objects[2] = objects[2].replace(b">> >>", b">> /XObject << /X 6 0 R >> >>")
+    form = b"<< /Type /XObject /Subtype /Form /BBox [0 0 612 792] %s /Length %d >>\nstream\n"
+    for level in range(depth):
+        if level < depth - 1:
+            body = b"/X Do /X Do"
+            resources = b"/Resources << /XObject << /X %d 0 R >> >>" % (7 + level)
+        else:
+            body, resources = b"0 0 1 1 re f", b""
+        objects.append(form % (resources, len(body)) + body + b"\nendstream")
+    return build_pdf(objects)
 
 
 def empty_pages_pdf(pages: int) -> bytes:
@@ -294,6 +373,22 @@ CASES: list[Case] = [
         lambda c: upload("hostile", "bomb2.pdf", double_flate_bomb_pdf())(c),
         202, "compression bomb", "failed",
     ),
+    # bombs the Flate pre-scan cannot see: stopped by the extraction child's memory cap
+    Case(
+        "pdf_ascii85_flate_bomb_2gib",
+        lambda c: upload("hostile", "bomb85.pdf", ascii85_flate_bomb_pdf())(c),
+        202, f"{MEMORY_MB} MiB memory limit", "failed",
+    ),
+    Case(
+        "pdf_lzw_bomb_2gib",
+        lambda c: upload("hostile", "bomblzw.pdf", lzw_bomb_pdf())(c),
+        202, f"{MEMORY_MB} MiB memory limit", "failed",
+    ),
+    Case(
+        "pdf_forms_drawn_4m_times",
+        lambda c: upload("hostile", "forms.pdf", nested_forms_pdf(22))(c),
+        202, f"{MEMORY_MB} MiB memory limit", "failed",
+    ),
     Case(
         "pdf_arrays_nested_100k_deep",
         lambda c: upload("hostile", "nested.pdf", nested_arrays_pdf())(c),
@@ -461,7 +556,10 @@ def live(
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("hostile") / "data",
         ingest=IngestSettings(
-            worker_threads=1, poll_interval_s=0.05, max_chunks_per_document=MAX_CHUNKS
+            worker_threads=1,
+            poll_interval_s=0.05,
+            max_chunks_per_document=MAX_CHUNKS,
+            max_extract_memory_mb=MEMORY_MB,
         ),
     )
     with (
@@ -675,3 +773,59 @@ def test_pipeline_fails_a_document_over_its_time_or_chunk_budget(
         assert document is not None and document.status == "failed"
         assert document.error is not None and fragment in document.error
         assert runtime.jobs.get(receipt.job_id).status == "failed"
+
+
+# -- bombs and slow pages, stopped by the extraction child's caps ---------------
+
+CHILD_BOMBS = {
+    "ascii85_flate": ascii85_flate_bomb_pdf,
+    "lzw": lzw_bomb_pdf,
+    "forms_drawn_4m_times": lambda: nested_forms_pdf(22),
+}
+
+
+@pytest.mark.parametrize("make", CHILD_BOMBS.values(), ids=list(CHILD_BOMBS))
+def test_bombs_the_flate_prescan_misses_are_stopped_by_the_memory_cap(
+    make: Callable[[], bytes],
+) -> None:
+    data = make()
+    check_inflated_size(data, "b.pdf", 64 * MiB)  # invisible to the pre-scan
+    settings = IngestSettings(max_extract_memory_mb=MEMORY_MB)
+    message = f"exceeded the {MEMORY_MB} MiB memory limit (RAG_INGEST__MAX_EXTRACT_MEMORY_MB)"
+    with pytest.raises(DocumentTooLarge, match=re.escape(message)):
+        load_document(data, "b.pdf", settings)
+    # the next PDF is read as usual
+    assert load_document(make_pdf(["after the bomb"]), "a.pdf", settings).sections[0].text == (
+        "after the bomb"
+    )
+
+
+def test_a_pdf_that_keeps_pdfium_busy_is_stopped_at_the_time_budget_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    # memory cap high enough that the clock, not memory, stops this one
+    ingest = IngestSettings(max_seconds_per_document=4, max_extract_memory_mb=4096)
+    settings = Settings(data_dir=tmp_path / "data", ingest=ingest)
+    with Runtime.open(settings, embedder=HashEmbedder()) as runtime:
+        worker = runtime.make_worker()
+        first = runtime.documents.add_bytes(
+            "docs", [("slow.pdf", nested_forms_pdf(22)), ("ok.txt", b"Plain words still work.")]
+        )
+        assert worker.run_once()
+        slow, ok = (runtime.catalog.document_by_id(d.id) for d in first.documents)
+        assert slow is not None and slow.status == "failed"
+        assert slow.error == (
+            "PDF extraction of slow.pdf took longer than 4 s and was stopped "
+            "(RAG_INGEST__MAX_SECONDS_PER_DOCUMENT); split it into smaller files"
+        )
+        assert ok is not None and ok.status == "indexed"
+        job = runtime.jobs.get(first.job_id)
+        assert job.error == f"1 of 2 documents failed: slow.pdf: {slow.error}"
+
+    # the same process reads the next PDF (with a budget a loaded machine cannot miss)
+    settings = settings.model_copy(update={"ingest": IngestSettings()})
+    with Runtime.open(settings, embedder=HashEmbedder()) as runtime:
+        second = runtime.documents.add_bytes("docs", [("good.pdf", make_pdf(["A good PDF."]))])
+        assert runtime.make_worker().run_once()
+        good = runtime.catalog.document_by_id(second.documents[0].id)
+        assert good is not None and good.status == "indexed" and good.chunk_count == 1

@@ -11,11 +11,14 @@ from pydantic import ValidationError
 
 from rag_service.api.deps import AuthDep, DocumentsDep
 from rag_service.api.schemas import (
+    CollectionIn,
     CollectionList,
     CollectionOut,
     DocumentList,
     DocumentOut,
     ErrorResponse,
+    ReindexIn,
+    ReindexOut,
     TextUploadIn,
     UploadResponse,
 )
@@ -246,11 +249,53 @@ def list_collections(documents: DocumentsDep, auth: AuthDep) -> CollectionList:
     )
 
 
+@router.post(
+    "",
+    status_code=201,
+    response_model=CollectionOut,
+    responses={code: {"model": ErrorResponse} for code in (401, 403, 409, 422, 429, 503)},
+)
+def create_collection(body: CollectionIn, documents: DocumentsDep, auth: AuthDep) -> CollectionOut:
+    """Create an empty collection with a chosen FAISS index type.
+
+    Uploading to a collection that does not exist creates it with the exact
+    `flat` index; create it first to start with another type.  `409` if the
+    name is taken (change an existing collection's type with a reindex).
+    """
+    name = collection_name(body.name)
+    auth.require("write", name)
+    return CollectionOut.of(documents.create_collection(name, body.index))
+
+
 @router.get("/{collection}", response_model=CollectionOut, responses=ERRORS)
 def get_collection(collection: str, documents: DocumentsDep, auth: AuthDep) -> CollectionOut:
-    """One collection."""
+    """One collection, with its index spec and whether a reindex is running."""
     auth.require("read", collection)
-    return CollectionOut.of(documents.get_collection(collection))
+    found = documents.get_collection(collection)
+    return CollectionOut.of(found, reindexing=documents.reindexing(found.name))
+
+
+@router.post(
+    "/{collection}/reindex",
+    status_code=202,
+    response_model=ReindexOut,
+    responses={code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422, 429, 503)},
+)
+def reindex_collection(
+    collection: str, body: ReindexIn, documents: DocumentsDep, auth: AuthDep
+) -> ReindexOut:
+    """Rebuild the collection's FAISS index as another type, in the background.
+
+    Needs an `admin` key.  Queries keep using the old index while the new
+    one is built from the catalog; chunks added or removed meanwhile are
+    caught up before the swap.  Poll `GET /v1/collections/{collection}`:
+    `reindexing` turns false and `index` shows the new spec.  `409` while
+    another reindex of the collection runs.
+    """
+    name = collection_name(collection)
+    auth.require("admin", name)
+    spec = documents.start_reindex(name, body.index)
+    return ReindexOut(collection=name, index=spec, status="started")
 
 
 @router.delete("/{collection}", status_code=204, responses=ERRORS)

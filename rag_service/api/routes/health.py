@@ -48,8 +48,12 @@ def _model_state(request: Request, runtime: Runtime) -> str:
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up."""
+async def healthz() -> Health:
+    """The process is up.
+
+    Answered on the event loop, not in the thread pool, so a liveness probe
+    never queues behind busy request threads.
+    """
     return Health(status="ok")
 
 

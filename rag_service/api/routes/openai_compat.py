@@ -39,10 +39,11 @@ from rag_service.api.openai_schemas import (
     RagExtras,
 )
 from rag_service.api.schemas import ErrorResponse, QueryOut
-from rag_service.errors import EmbeddingMismatch, InvalidRequest
+from rag_service.errors import InvalidRequest
 from rag_service.llm.base import ChatMessage
 from rag_service.services.answers import Answer
 from rag_service.services.query import Prepared, QueryService
+from rag_service.services.validation import same_embedder
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -227,11 +228,11 @@ def embeddings(body: EmbeddingsIn, service: QueryDep, auth: AuthDep) -> Embeddin
     if body.model != embedder.model_id:
         auth.require("read", collection_of(body.model))
         collection = service.catalog.get_collection(collection_of(body.model), counts=False)
-        if collection.embed_model != embedder.model_id:
-            raise EmbeddingMismatch(
-                f"collection {collection.name!r} was embedded with {collection.embed_model} "
-                f"but the service runs {embedder.model_id}"
-            )
+        same_embedder(
+            collection.name,
+            (collection.embed_model, collection.dim),
+            (embedder.model_id, embedder.dim),
+        )
     if body.dimensions is not None and body.dimensions != embedder.dim:
         raise InvalidRequest(f"dimensions must be {embedder.dim} for {embedder.model_id}")
     vectors = embedder.embed(texts)

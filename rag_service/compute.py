@@ -1,0 +1,209 @@
+"""Thread pools of the numeric libraries, and question embeddings batched across requests.
+
+The HTTP server already runs requests in parallel (plain FastAPI handlers run
+in AnyIO's pool of 40 threads), so every library that brings its own pool
+multiplies with it: 40 request threads, each running torch on one intra-op
+thread per core and FAISS on one OpenMP thread per core, is several hundred
+runnable threads on a 2-core machine.  ``configure_compute`` sets those pools
+once when a ``Runtime`` opens (``ComputeSettings``, ``RAG_COMPUTE__*``):
+
+    torch        ``torch.set_num_threads``; threads that have not run torch
+                 yet pick the value up when they first do
+    FAISS        OpenMP keeps its thread count per thread: ``OMP_NUM_THREADS``
+                 is set before FAISS is first imported (every thread then
+                 starts from it), and the calling thread is set directly
+    llama.cpp    ``LLMSettings.threads``, one generation at a time (its own gate)
+    tokenizers   ``TOKENIZERS_PARALLELISM=false``, set by the embedder
+
+It also wraps the embedder in a ``BatchingEmbedder``: questions that arrive
+together are embedded in one encode call, which costs far less than one call
+each (bench/concurrency.py measures both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rag_service.config import ComputeSettings
+from rag_service.embedding import Embedder, Vectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ThreadCounts:
+    """The thread pools as the libraries report them in the calling thread."""
+
+    torch: int | None
+    torch_interop: int | None
+    faiss: int | None
+
+
+def thread_counts() -> ThreadCounts:
+    """What torch and FAISS use now, None for a library not imported yet (nothing to report)."""
+    torch: Any = sys.modules.get("torch")
+    faiss: Any = sys.modules.get("faiss")
+    return ThreadCounts(
+        torch=torch.get_num_threads() if torch is not None else None,
+        torch_interop=torch.get_num_interop_threads() if torch is not None else None,
+        faiss=faiss.omp_get_max_threads() if faiss is not None else None,
+    )
+
+
+def apply_thread_settings(settings: ComputeSettings) -> ThreadCounts:
+    """Set torch's and FAISS's thread pools; returns what they report afterwards."""
+    if settings.faiss_threads:
+        if "faiss" in sys.modules:
+            # Too late for the environment: only this thread (and OpenMP teams it
+            # starts) can still be set.
+            sys.modules["faiss"].omp_set_num_threads(settings.faiss_threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(settings.faiss_threads)
+    torch: Any = sys.modules.get("torch")
+    if torch is not None:  # else no model here runs on torch (the ONNX embedder)
+        # OMP_NUM_THREADS above must not decide torch's count: set it either way.
+        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    counts = thread_counts()
+    log.info(
+        "compute threads torch=%s torch_interop=%s faiss=%s query_batch=%d",
+        counts.torch,
+        counts.torch_interop,
+        counts.faiss if counts.faiss is not None else os.environ.get("OMP_NUM_THREADS"),
+        settings.query_batch,
+    )
+    return counts
+
+
+def configure_compute(settings: ComputeSettings, embedder: Embedder) -> Embedder:
+    """Apply the thread settings and return the embedder the services should use."""
+    apply_thread_settings(settings)
+    if settings.query_batch <= 1:
+        return embedder
+    return BatchingEmbedder(embedder, max_batch=settings.query_batch)
+
+
+@dataclass(eq=False)
+class _Question:
+    text: str
+    ready: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    vector: Vectors | None = None
+    error: BaseException | None = None
+
+
+class BatchingEmbedder(Embedder):
+    """Embeds questions asked at the same time in one call of the wrapped embedder.
+
+    No thread waits for company: a question asked while no batch is running
+    is embedded at once.  Questions asked while one runs queue up, and when it
+    ends the first of them embeds up to ``max_batch`` queued ones together
+    (leader and followers; no extra thread).  So at most one question batch
+    runs at a time, and under load a batch costs little more than one
+    question.  Everything else (``embed`` of chunks, token counts) passes
+    straight through.
+    """
+
+    def __init__(self, inner: Embedder, *, max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.dim = inner.dim
+        self.max_seq_length = inner.max_seq_length
+        self.batch_size = inner.batch_size
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Question] = []
+        self._running = False
+        #: Encode calls made for questions, and questions embedded (for benchmarks).
+        self.batches = 0
+        self.questions = 0
+
+    def embed_batch(self, texts: Sequence[str]) -> Vectors:
+        return self.inner.embed_batch(texts)
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        return self.inner.embed(texts)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def embed_query(self, text: str) -> Vectors:
+        mine = _Question(text)
+        with self._lock:
+            self._queue.append(mine)
+            if not self._running:
+                self._running = mine.lead = True
+        if not mine.lead:
+            mine.ready.wait()  # set when embedded, or when made the leader
+        if mine.lead:
+            self._lead(mine)
+        if mine.error is not None:
+            raise mine.error
+        assert mine.vector is not None
+        return mine.vector
+
+    def _lead(self, mine: _Question) -> None:
+        """Embed queued batches until ``mine`` is done, then pass the lead on."""
+        try:
+            while mine.vector is None and mine.error is None:
+                with self._lock:
+                    batch = self._queue[: self.max_batch]
+                    del self._queue[: self.max_batch]
+                self._embed(batch)
+        finally:
+            with self._lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.ready.set()
+                else:
+                    self._running = False
+
+    @property
+    def waiting(self) -> int:
+        """Questions queued for the next batch."""
+        with self._lock:
+            return len(self._queue)
+
+    def _embed(self, batch: list[_Question]) -> None:
+        try:
+            self._embed_together(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One bad question must not fail the others asked at the same time.
+            for question in batch:
+                with contextlib.suppress(Exception):
+                    self._embed_together([question])
+        finally:
+            for question in batch:
+                question.ready.set()
+
+    def _embed_together(self, batch: list[_Question]) -> None:
+        try:
+            vectors = self.inner.embed([q.text for q in batch])
+        except BaseException as exc:
+            for question in batch:
+                question.error = exc
+            raise
+        for question, vector in zip(batch, vectors, strict=True):
+            question.vector = np.array(vector, dtype=np.float32)
+            question.error = None
+        self.batches += 1
+        self.questions += len(batch)

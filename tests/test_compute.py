@@ -1,0 +1,238 @@
+"""Thread settings applied when a runtime opens, and questions batched across threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from rag_service.compute import BatchingEmbedder
+from rag_service.config import ComputeSettings, Settings
+from rag_service.embedding import SentenceTransformerEmbedder, Vectors
+from rag_service.runtime import Runtime
+from tests.helpers import HashEmbedder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """Put torch's and FAISS's thread counts back: they are process-wide."""
+    import faiss
+    import torch
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    yield
+    torch.set_num_threads(torch_before)
+    faiss.omp_set_num_threads(faiss_before)
+
+
+def test_settings_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_COMPUTE__TORCH_THREADS", "2")
+    monkeypatch.setenv("RAG_COMPUTE__FAISS_THREADS", "4")
+    monkeypatch.setenv("RAG_COMPUTE__QUERY_BATCH", "1")
+
+    assert Settings().compute == ComputeSettings(torch_threads=2, faiss_threads=4, query_batch=1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"torch_threads": -1}, {"faiss_threads": -2}, {"query_batch": 0}, {"torch_threads": 999}],
+)
+def test_out_of_range_settings_are_refused(bad: dict[str, int]) -> None:
+    with pytest.raises(ValidationError):
+        ComputeSettings.model_validate(bad)
+
+
+def test_opening_a_runtime_sets_torch_and_faiss_threads(
+    tmp_path: Path, restore_threads: None
+) -> None:
+    import faiss
+    import torch
+
+    # 3: neither library's default on any machine but a 3-core one.
+    settings = Settings(
+        data_dir=tmp_path, compute=ComputeSettings(torch_threads=3, faiss_threads=3)
+    )
+    seen: dict[str, int] = {}
+
+    with Runtime.open(settings, embedder=HashEmbedder()) as runtime:
+        worker = threading.Thread(target=lambda: seen.update(torch=torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert torch.get_num_threads() == 3
+        assert faiss.omp_get_max_threads() == 3
+        assert seen == {"torch": 3}  # a new thread (a request's) starts from it too
+        assert isinstance(runtime.embedder, BatchingEmbedder)
+
+
+def test_batching_off_leaves_the_embedder_alone(tmp_path: Path, restore_threads: None) -> None:
+    embedder = HashEmbedder()
+    settings = Settings(data_dir=tmp_path, compute=ComputeSettings(query_batch=1))
+
+    with Runtime.open(settings, embedder=embedder) as runtime:
+        assert runtime.embedder is embedder
+
+
+def test_a_fresh_process_gives_every_thread_the_faiss_setting(tmp_path: Path) -> None:
+    # OpenMP keeps its count per thread: only the environment, set before FAISS
+    # loads, reaches threads that the service did not set itself.
+    script = """
+import sys, threading
+from pathlib import Path
+from rag_service.config import ComputeSettings, Settings
+from rag_service.runtime import Runtime
+from tests.helpers import HashEmbedder
+assert "faiss" not in sys.modules
+settings = Settings(data_dir=Path(sys.argv[1]), compute=ComputeSettings(faiss_threads=3))
+seen = []
+def search_thread():
+    import faiss
+    seen.append(faiss.omp_get_max_threads())
+with Runtime.open(settings, embedder=HashEmbedder()):
+    thread = threading.Thread(target=search_thread)
+    thread.start()
+    thread.join()
+print(seen[0])
+"""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "3"
+
+
+class GatedEmbedder(HashEmbedder):
+    """Records every batch; the first call waits until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        self.calls.append(list(texts))
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().embed(texts)
+
+
+def ask_in_threads(
+    embedder: BatchingEmbedder, texts: Sequence[str]
+) -> tuple[list[threading.Thread], dict[str, Vectors | Exception]]:
+    results: dict[str, Vectors | Exception] = {}
+
+    def ask(text: str) -> None:
+        try:
+            results[text] = embedder.embed_query(text)
+        except Exception as exc:
+            results[text] = exc
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def wait_for_queue(embedder: BatchingEmbedder, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while embedder.waiting != count:
+        assert time.monotonic() < deadline, f"{embedder.waiting} queued, expected {count}"
+        time.sleep(0.01)
+
+
+def test_questions_asked_during_a_batch_are_embedded_together() -> None:
+    inner = GatedEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=8)
+    first, first_results = ask_in_threads(batching, ["first question"])
+    assert inner.entered.wait(30)
+    later = [f"question {i}" for i in range(5)]
+    threads, results = ask_in_threads(batching, later)
+    wait_for_queue(batching, 5)
+
+    inner.release.set()
+    for thread in first + threads:
+        thread.join(30)
+
+    assert inner.calls[0] == ["first question"]
+    assert sorted(inner.calls[1]) == later  # one call for all five
+    assert len(inner.calls) == 2
+    plain = HashEmbedder()
+    for text, vector in (results | first_results).items():
+        assert isinstance(vector, np.ndarray)
+        np.testing.assert_allclose(vector, plain.embed_query(text), rtol=0, atol=1e-6)
+    assert (batching.batches, batching.questions) == (2, 6)
+
+
+def test_batches_are_cut_at_max_batch() -> None:
+    inner = GatedEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=2)
+    first, _ = ask_in_threads(batching, ["first"])
+    assert inner.entered.wait(30)
+    threads, results = ask_in_threads(batching, ["a", "b", "c"])
+    wait_for_queue(batching, 3)
+
+    inner.release.set()
+    for thread in first + threads:
+        thread.join(30)
+
+    assert [len(call) for call in inner.calls] == [1, 2, 1]
+    assert all(isinstance(v, np.ndarray) for v in results.values())
+
+
+def test_a_failing_question_fails_alone_and_the_next_still_works() -> None:
+    inner = GatedEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=8)
+    first, _ = ask_in_threads(batching, ["first"])
+    assert inner.entered.wait(30)
+    threads, results = ask_in_threads(batching, ["good one", "BOOM here", "good two"])
+    wait_for_queue(batching, 3)
+
+    inner.release.set()
+    for thread in first + threads:
+        thread.join(30)
+
+    assert isinstance(results["BOOM here"], RuntimeError)
+    assert isinstance(results["good one"], np.ndarray)
+    assert isinstance(results["good two"], np.ndarray)
+    assert batching.embed_query("afterwards").shape == (HashEmbedder.dim,)
+    assert batching.waiting == 0
+
+
+def test_batched_vectors_match_one_by_one_with_the_real_model(
+    embedder: SentenceTransformerEmbedder,
+) -> None:
+    texts = [
+        "How do I change the default editor?",
+        "Which file holds the network interface configuration on Debian?",
+        "apt pinning",
+        "What does the sticky bit on /tmp do and why does it matter for shared directories?",
+    ] * 3
+    batching = BatchingEmbedder(embedder, max_batch=32)
+
+    threads, results = ask_in_threads(batching, texts)
+    for thread in threads:
+        thread.join(60)
+
+    assert batching.questions == len(texts)
+    for text in set(texts):
+        got = results[text]
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, embedder.embed_query(text), rtol=0, atol=1e-5)
