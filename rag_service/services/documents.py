@@ -183,11 +183,15 @@ class DocumentService:
                 incoming.append(
                     IncomingFile(upload.source, sha, size, upload.content_type, upload.metadata)
                 )
-        job_id, documents = self.catalog.register_upload(
-            collection, self.embed_model, self.embed_dim, incoming
-        )
-        for upload in accepted:
-            upload.writer.settle()
+        try:
+            job_id, documents = self.catalog.register_upload(
+                collection, self.embed_model, self.embed_dim, incoming
+            )
+        finally:
+            # a refused upload (another model, say) must not leave pins that keep
+            # deletes of the same bytes from freeing them for an hour
+            for upload in accepted:
+                upload.writer.settle()
         log.info("upload accepted collection=%s job=%s files=%d", collection, job_id, len(incoming))
         if self.on_enqueued is not None:
             self.on_enqueued()
