@@ -54,6 +54,8 @@ _START_TIMEOUT_S = 120.0
 _MEMORY_SHARE = 0.4
 # How often the parent samples a working child's address-space size.
 _SAMPLE_S = 0.02
+# How often a child checks that its worker is still alive.
+_ORPHAN_POLL_S = 0.5
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Signals that mean the child ran out of memory in native code: an allocation
 # failure aborts (SIGABRT) or traps (SIGTRAP, SIGILL), a failed mmap can fault.
@@ -372,11 +374,18 @@ def _handle(header: dict[str, Any], data: bytes) -> dict[str, Any]:
 
 
 def _serve(memory_mb: int) -> None:
-    """Answer requests from stdin until it closes; stdout is the reply channel only."""
+    """Answer requests from stdin until it closes; stdout is the reply channel only.
+
+    A worker killed mid-document leaves its child behind: the child notices
+    (its parent changes, a reply meets a closed pipe, a header is torn) and
+    exits quietly instead of finishing the document or logging a traceback
+    into the log it shares with the dead worker.
+    """
     import resource
 
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _exit_when_orphaned(os.getppid())
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from native code must not corrupt the replies
     requests = sys.stdin.buffer
@@ -385,18 +394,38 @@ def _serve(memory_mb: int) -> None:
 
     import ingest.loaders.pdf  # noqa: F401
 
-    replies.write(b'{"ready": true}\n')
-    replies.flush()
-    while header_line := requests.readline():
-        header = json.loads(header_line)
-        data = requests.read(int(header["size"]))
-        try:
-            reply = json.dumps(_handle(header, data)).encode()
-        except MemoryError:
-            reply = b'{"memory": true}'
-        del data
-        replies.write(reply + b"\n")
+    try:
+        replies.write(b'{"ready": true}\n')
         replies.flush()
+        while header_line := requests.readline():
+            try:
+                header = json.loads(header_line)
+                size = int(header["size"])
+            except (ValueError, KeyError, TypeError):
+                os._exit(0)  # a header torn by the parent's death
+            data = requests.read(size)
+            if len(data) < size:
+                os._exit(0)
+            try:
+                reply = json.dumps(_handle(header, data)).encode()
+            except MemoryError:
+                reply = b'{"memory": true}'
+            del data
+            replies.write(reply + b"\n")
+            replies.flush()
+    except BrokenPipeError:
+        os._exit(0)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Leave as soon as the worker that started this child is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_ORPHAN_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

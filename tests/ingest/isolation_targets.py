@@ -16,6 +16,8 @@ from typing import Any
 from rag_service.config import IngestSettings
 from rag_service.errors import EncryptedDocument
 
+MODULE = "tests.ingest.isolation_targets"  # not __name__, which is __main__ when run with -m
+
 
 def echo(data: bytes, name: str, settings: IngestSettings) -> dict[str, Any]:
     return {
@@ -61,3 +63,42 @@ def refuse(data: bytes, name: str, settings: IngestSettings) -> dict[str, Any]:
 
 def bug(data: bytes, name: str, settings: IngestSettings) -> dict[str, Any]:
     raise ValueError("a bug in the loader")
+
+
+def note_pid_then_nap(data: bytes, name: str, settings: IngestSettings) -> dict[str, Any]:
+    """Writes its pid to the path in ``data``, then works for a second."""
+    with open(data.decode(), "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(1.0)
+    return {"pid": os.getpid()}
+
+
+def note_pid_then_hang(data: bytes, name: str, settings: IngestSettings) -> dict[str, Any]:
+    with open(data.decode(), "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(3600)
+    return {}
+
+
+def killed_worker(notes: str) -> None:
+    """A worker that starts two extractions and dies by SIGKILL in the middle of both."""
+    import threading
+
+    from ingest.loaders.isolation import ExtractionSandbox
+
+    box = ExtractionSandbox()
+    for index, target in enumerate(("note_pid_then_nap", "note_pid_then_hang")):
+        path = f"{notes}/{index}.pid"
+        threading.Thread(
+            target=box.run,
+            args=(f"{MODULE}:{target}", path.encode(), "x.pdf", IngestSettings()),
+            daemon=True,
+        ).start()
+    while not all(os.path.exists(f"{notes}/{i}.pid") for i in range(2)):
+        time.sleep(0.05)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    killed_worker(sys.argv[1])

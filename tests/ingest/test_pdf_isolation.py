@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,3 +134,31 @@ def test_the_real_pdf_reads_the_same_in_the_child_and_in_process() -> None:
     in_process = load_document(data, "ref.pdf", IngestSettings(pdf_isolation="none"))
     assert isolated == in_process
     assert isolated.pages == 261 and len(isolated.sections) > 200
+
+
+def test_children_of_a_killed_worker_leave_quietly(tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-document leaves no child working on and no traceback in its log."""
+    root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "worker.log"  # a file: orphans holding a pipe open would stall the test
+    with open(log, "wb") as out:
+        worker = subprocess.run(
+            [sys.executable, "-m", TARGETS, str(tmp_path)], cwd=root, stderr=out, timeout=120
+        )
+    assert worker.returncode == -signal.SIGKILL
+    pids = [int((tmp_path / f"{i}.pid").read_text()) for i in range(2)]
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)], "an orphaned extraction child kept running"
+    # the children shared the worker's stderr; the napping one finished its document after
+    # the worker died and must have left without a broken-pipe traceback
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
+
+
+def alive(pid: int) -> bool:
+    """Running, not gone and not a zombie waiting for a reaper."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -683,9 +683,11 @@ def check_logs(logs: Path) -> list[str]:
     """No process logged an error or rebuilt an index (a killed process logs nothing)."""
     problems = []
     for log in sorted(logs.glob("*.log")):
-        for line in log.read_text(errors="replace").splitlines():
+        lines = log.read_text(errors="replace").splitlines()
+        for at, line in enumerate(lines):
             if any(word in line for word in (" ERROR ", "Traceback", "rebuilding")):
-                problems.append(f"{log.name}: {line}")
+                # the lines after it say what went wrong (a traceback ends with the exception)
+                problems.append(f"{log.name}: " + "\n  ".join(lines[at : at + 40]))
     return problems
 
 
