@@ -69,6 +69,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bf16 fa b2048 ub2048": ("bf16", {"flash_attn": True, "n_batch": 2048, "n_ubatch": 2048}),
     "bf16 fa kv-q8_0": ("bf16", {"flash_attn": True, "type_k": 8, "type_v": 8}),
     "bf16 fa no-mmap": ("bf16", {"flash_attn": True, "use_mmap": False}),
+    "bf16 fa ub256": ("bf16", {"flash_attn": True, "n_ubatch": 256}),
+    "bf16 fa kv-bf16": ("bf16", {"flash_attn": True, "type_k": 30, "type_v": 30}),
+    # requantized from the shipped Q4_1: llama.cpp repacks Q4_0 for AVX512 matrix products
+    "q4_0 fa": ("q4_0", {"flash_attn": True}),
 }
 
 
@@ -168,8 +172,9 @@ def cold_start(source: str, chunks: list[tuple[int, str]], tokens: int) -> dict[
 
 
 def weight_files(source: Path, kinds: set[str]) -> dict[str, Path]:
-    from rag_service.llm.weights import convert_cached, default_cache_dir
+    from rag_service.llm.weights import FTYPES, convert_cached, default_cache_dir
 
+    FTYPES.setdefault("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")  # benchmark only, not a setting
     files = {"file": source}
     for kind in sorted(kinds - {"file"}):
         files[kind] = convert_cached(source, kind, default_cache_dir())

@@ -14,6 +14,8 @@ once when a ``Runtime`` opens (``ComputeSettings``, ``RAG_COMPUTE__*``):
                  starts from it), and the calling thread is set directly
     llama.cpp    ``LLMSettings.threads``, one generation at a time (its own gate)
     tokenizers   ``TOKENIZERS_PARALLELISM=false``, set by the embedder
+    malloc       glibc's arena count (``limit_malloc_arenas``): one arena per
+                 request thread fragments and memory grows under load
 
 It also wraps the embedder in a ``BatchingEmbedder``: questions that arrive
 together are embedded in one encode call, which costs far less than one call
@@ -83,8 +85,36 @@ def apply_thread_settings(settings: ComputeSettings) -> ThreadCounts:
     return counts
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas for this process; False where that is not possible.
+
+    glibc fixes the cap the first time a thread wants a new arena beyond its
+    initial few, so this must run before a server's thread pool fills: a
+    ``Runtime`` does it as it opens.  ``MALLOC_ARENA_MAX`` in the environment
+    wins (glibc read it at start; the operator set it on purpose).
+    """
+    if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def configure_compute(settings: ComputeSettings, embedder: Embedder) -> Embedder:
-    """Apply the thread settings and return the embedder the services should use."""
+    """Apply the thread and allocator settings and return the embedder the services should use."""
+    if limit_malloc_arenas(settings.malloc_arenas):
+        log.info("malloc arenas limited to %d", settings.malloc_arenas)
     apply_thread_settings(settings)
     if settings.query_batch <= 1:
         return embedder

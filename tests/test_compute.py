@@ -236,3 +236,53 @@ def test_batched_vectors_match_one_by_one_with_the_real_model(
         got = results[text]
         assert isinstance(got, np.ndarray)
         np.testing.assert_allclose(got, embedder.embed_query(text), rtol=0, atol=1e-5)
+
+
+ARENA_SCRIPT = """
+import ctypes, os, sys, threading
+from pathlib import Path
+from rag_service.config import ComputeSettings, Settings
+from rag_service.runtime import Runtime
+from tests.helpers import HashEmbedder
+compute = ComputeSettings(malloc_arenas=int(sys.argv[2]))
+settings = Settings(data_dir=Path(sys.argv[1]), compute=compute)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+with Runtime.open(settings, embedder=HashEmbedder()):
+    together = threading.Barrier(16)
+    def request_thread():  # all alive at once, as a busy server's pool is
+        together.wait()
+        blocks = [libc.malloc(4096) for _ in range(64)]
+        together.wait()
+        for block in blocks:
+            libc.free(block)
+    threads = [threading.Thread(target=request_thread) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sys.stderr.flush()
+    libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize(("setting", "most"), [(2, 2), (0, None)])
+def test_malloc_arenas_are_capped_for_busy_request_threads(
+    tmp_path: Path, setting: int, most: int | None
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", ARENA_SCRIPT, str(tmp_path), str(setting)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    arenas = done.stderr.count("Arena ")
+    if most is not None:
+        assert 1 <= arenas <= most, done.stderr
+    else:  # glibc's default gives busy threads arenas of their own: the growth this prevents
+        assert arenas > 2, done.stderr

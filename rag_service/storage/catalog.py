@@ -62,7 +62,8 @@ class Catalog(ChunkQueries, BlobRefs, IndexSpecs):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # every connection opened, with the thread it belongs to now
+        self._connections: dict[sqlite3.Connection, threading.Thread] = {}
         self._lock = threading.Lock()
         conn = self._conn()
         conn.executescript(SCHEMA)
@@ -73,16 +74,45 @@ class Catalog(ChunkQueries, BlobRefs, IndexSpecs):
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA foreign_keys=ON")
+            conn = self._adopt() or self._connect()
             self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
         return conn
+
+    def _adopt(self) -> sqlite3.Connection | None:
+        """A connection whose thread has ended, now the calling thread's.
+
+        Server thread pools stop idle threads and start new ones under the
+        next burst; keeping each ended thread's connection (its page and
+        statement caches) would grow memory with every burst, and closing it
+        would throw the warm caches away.
+        """
+        with self._lock:
+            for conn, owner in self._connections.items():
+                if not owner.is_alive():
+                    self._connections[conn] = threading.current_thread()
+                    break
+            else:
+                return None
+        if conn.in_transaction:  # its thread died inside one
+            conn.rollback()
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            self._connections[conn] = threading.current_thread()
+        return conn
+
+    @property
+    def open_connections(self) -> int:
+        """How many SQLite connections this catalog holds open (one per thread that used it)."""
+        with self._lock:
+            return len(self._connections)
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -288,3 +289,46 @@ def test_a_catalog_from_before_accepted_seq_is_migrated(tmp_path: Path) -> None:
         assert [d.id for d in docs] == [new]
     finally:
         catalog.close()
+
+
+def test_threads_that_come_and_go_reuse_connections(catalog: Catalog) -> None:
+    """Server thread pools stop idle threads and start new ones: connections must not pile up."""
+    add_document(catalog, "a.txt", [1, 2])
+    opened = catalog.open_connections
+    seen: set[int] = set()
+
+    def read() -> None:
+        seen.add(id(catalog.read()))
+        assert catalog.get_collection("c").name == "c"
+
+    for _ in range(30):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    assert catalog.open_connections == opened + 1
+    assert len(seen) == 1
+
+
+def test_a_connection_left_inside_a_transaction_is_rolled_back_when_reused(
+    catalog: Catalog,
+) -> None:
+    def die_writing() -> None:
+        conn = catalog.read()
+        conn.execute("BEGIN IMMEDIATE")  # the database's write lock, never released
+        conn.execute("UPDATE collections SET name = 'gone'")
+
+    add_document(catalog, "a.txt", [1])
+    thread = threading.Thread(target=die_writing)
+    thread.start()
+    thread.join()
+    done: list[str] = []
+
+    def write() -> None:
+        add_document(catalog, "b.txt", [2])  # would wait on the dead thread's lock
+        done.append("b.txt")
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(timeout=60)
+    assert done == ["b.txt"]
+    assert catalog.get_collection("c").name == "c"
