@@ -115,6 +115,10 @@ def encoder_of(embedder: Any) -> tuple[str, Callable[[list[str]], Any]]:
 
 def bench_encode(embedder: Any, chunks: list[Any], group: int) -> dict[str, Any]:
     """Encode the chunk texts alone: in one call, and in pipeline-sized groups two ways."""
+    from rag_service.compute import ingest_threads, use_torch_threads
+    from rag_service.config import Settings
+
+    use_torch_threads(ingest_threads(Settings().compute))  # as many threads as the worker's
     name, encode = encoder_of(embedder)
     texts = [c.text for c in chunks]
     # The order the pipeline now embeds in: longest (in tokens) first, whole document.

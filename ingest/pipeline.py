@@ -25,6 +25,7 @@ import numpy as np
 from ingest.chunking import Chunk, Chunker
 from ingest.loaders import load_document
 from ingest.loaders.base import LoadedDocument
+from rag_service.compute import use_torch_threads
 from rag_service.config import IngestSettings
 from rag_service.embedding import Embedder, Vectors
 from rag_service.errors import DocumentTooLarge
@@ -108,6 +109,7 @@ class IngestPipeline:
         chunker: Chunker,
         settings: IngestSettings,
         overlap_sections: int = 64,
+        torch_threads: int = 0,
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
@@ -117,6 +119,8 @@ class IngestPipeline:
         #: Documents with at least this many sections (pages, headings) chunk
         #: all but their first sixteenth on a thread while that part embeds; 0: never.
         self.overlap_sections = overlap_sections
+        #: torch threads the embedding thread runs on (0: as that thread is).
+        self.torch_threads = torch_threads
 
     def process(self, document: Document, report: ProgressFn) -> IngestResult:
         """Index ``document``; raises a ``DocumentError`` for bad input."""
@@ -274,6 +278,7 @@ class IngestPipeline:
         done = total - sum(plan.uses[j] for j in plan.todo)
         report("embedding", done, total)
         step = max(1, self.embedder.batch_size * 4)
+        use_torch_threads(self.torch_threads)
         for start in range(0, len(plan.todo), step):
             deadline.check("embedding")
             group = plan.todo[start : start + step]

@@ -7,8 +7,11 @@ thread per core and FAISS on one OpenMP thread per core, is several hundred
 runnable threads on a 2-core machine.  ``configure_compute`` sets those pools
 once when a ``Runtime`` opens (``ComputeSettings``, ``RAG_COMPUTE__*``):
 
-    torch        ``torch.set_num_threads``; threads that have not run torch
-                 yet pick the value up when they first do
+    torch        per role: question batches on ``torch_threads``, ingestion
+                 workers on ``ingest_torch_threads`` (``use_torch_threads``,
+                 called by each before it embeds: torch keeps the count per
+                 thread once set, and new threads start from the last value
+                 set anywhere)
     FAISS        OpenMP keeps its thread count per thread: ``OMP_NUM_THREADS``
                  is set before FAISS is first imported (every thread then
                  starts from it), and the calling thread is set directly
@@ -61,6 +64,25 @@ def thread_counts() -> ThreadCounts:
     )
 
 
+def question_threads(settings: ComputeSettings) -> int:
+    return settings.torch_threads or os.cpu_count() or 1
+
+
+def ingest_threads(settings: ComputeSettings) -> int:
+    return settings.ingest_torch_threads or os.cpu_count() or 1
+
+
+def use_torch_threads(count: int) -> None:
+    """Run torch on ``count`` intra-op threads in the calling thread (0: leave it as it is).
+
+    A no-op when torch is not loaded (the ONNX embedder) or already set so.
+    """
+    torch: Any = sys.modules.get("torch")
+    if torch is None or count <= 0 or torch.get_num_threads() == count:
+        return
+    torch.set_num_threads(count)
+
+
 def apply_thread_settings(settings: ComputeSettings) -> ThreadCounts:
     """Set torch's and FAISS's thread pools; returns what they report afterwards."""
     if settings.faiss_threads:
@@ -73,7 +95,7 @@ def apply_thread_settings(settings: ComputeSettings) -> ThreadCounts:
     torch: Any = sys.modules.get("torch")
     if torch is not None:  # else no model here runs on torch (the ONNX embedder)
         # OMP_NUM_THREADS above must not decide torch's count: set it either way.
-        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(question_threads(settings))
     counts = thread_counts()
     log.info(
         "compute threads torch=%s torch_interop=%s faiss=%s query_batch=%d",
@@ -116,9 +138,9 @@ def configure_compute(settings: ComputeSettings, embedder: Embedder) -> Embedder
     if limit_malloc_arenas(settings.malloc_arenas):
         log.info("malloc arenas limited to %d", settings.malloc_arenas)
     apply_thread_settings(settings)
-    if settings.query_batch <= 1:
-        return embedder
-    return BatchingEmbedder(embedder, max_batch=settings.query_batch)
+    return BatchingEmbedder(
+        embedder, max_batch=settings.query_batch, torch_threads=question_threads(settings)
+    )
 
 
 @dataclass(eq=False)
@@ -138,11 +160,13 @@ class BatchingEmbedder(Embedder):
     ends the first of them embeds up to ``max_batch`` queued ones together
     (leader and followers; no extra thread).  So at most one question batch
     runs at a time, and under load a batch costs little more than one
-    question.  Everything else (``embed`` of chunks, token counts) passes
-    straight through.
+    question.  With ``max_batch`` 1 there is no queue: each question is
+    embedded at once in its own thread.  Questions run torch on
+    ``torch_threads`` (0: as the thread is).  Everything else (``embed`` of
+    chunks, token counts) passes straight through.
     """
 
-    def __init__(self, inner: Embedder, *, max_batch: int = 32) -> None:
+    def __init__(self, inner: Embedder, *, max_batch: int = 32, torch_threads: int = 0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.inner = inner
@@ -151,6 +175,7 @@ class BatchingEmbedder(Embedder):
         self.max_seq_length = inner.max_seq_length
         self.batch_size = inner.batch_size
         self.max_batch = max_batch
+        self.torch_threads = torch_threads
         self._lock = threading.Lock()
         self._queue: list[_Question] = []
         self._running = False
@@ -174,6 +199,9 @@ class BatchingEmbedder(Embedder):
         self.inner.close()
 
     def embed_query(self, text: str) -> Vectors:
+        if self.max_batch == 1:
+            use_torch_threads(self.torch_threads)
+            return self.inner.embed_query(text)
         mine = _Question(text)
         with self._lock:
             self._queue.append(mine)
@@ -227,6 +255,7 @@ class BatchingEmbedder(Embedder):
 
     def _embed_together(self, batch: list[_Question]) -> None:
         try:
+            use_torch_threads(self.torch_threads)
             vectors = self.inner.embed([q.text for q in batch])
         except BaseException as exc:
             for question in batch:

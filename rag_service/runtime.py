@@ -19,7 +19,7 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from rag_service.compute import configure_compute
+from rag_service.compute import configure_compute, ingest_threads
 from rag_service.config import Settings
 from rag_service.embedding import Embedder, make_embedder
 from rag_service.errors import RagError
@@ -214,6 +214,7 @@ class Runtime:
             embedder=self.embedder,
             chunker=chunker,
             settings=self.settings.ingest,
+            torch_threads=ingest_threads(self.settings.compute),
         )
         return Worker(
             queue=self.jobs,

@@ -74,12 +74,69 @@ def test_opening_a_runtime_sets_torch_and_faiss_threads(
         assert isinstance(runtime.embedder, BatchingEmbedder)
 
 
-def test_batching_off_leaves_the_embedder_alone(tmp_path: Path, restore_threads: None) -> None:
-    embedder = HashEmbedder()
-    settings = Settings(data_dir=tmp_path, compute=ComputeSettings(query_batch=1))
+def test_batching_off_embeds_questions_side_by_side(tmp_path: Path, restore_threads: None) -> None:
+    class Meeting(HashEmbedder):
+        """Each question waits until the other is being embedded too."""
 
-    with Runtime.open(settings, embedder=embedder) as runtime:
-        assert runtime.embedder is embedder
+        both = threading.Barrier(2, timeout=30)
+
+        def embed_query(self, text: str) -> Vectors:
+            self.both.wait()
+            return super().embed_query(text)
+
+    settings = Settings(data_dir=tmp_path, compute=ComputeSettings(query_batch=1))
+    with Runtime.open(settings, embedder=Meeting()) as runtime:
+        results: list[Vectors] = []
+        threads = [
+            threading.Thread(target=lambda q=q: results.append(runtime.embedder.embed_query(q)))
+            for q in ("first?", "second?")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(results) == 2  # neither waited for the other to finish (no queue)
+
+
+class ThreadsSeen(HashEmbedder):
+    """Records torch's thread count in the thread that embeds each text."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def embed_batch(self, texts: Sequence[str]) -> Vectors:
+        import torch
+
+        for text in texts:
+            self.seen[text] = torch.get_num_threads()
+        return super().embed_batch(texts)
+
+
+def test_questions_and_ingest_run_torch_on_their_own_thread_counts(
+    tmp_path: Path, restore_threads: None
+) -> None:
+    import torch  # noqa: F401 - loaded, as with the real embedder
+
+    spy = ThreadsSeen()
+    settings = Settings(
+        data_dir=tmp_path, compute=ComputeSettings(torch_threads=1, ingest_torch_threads=3)
+    )
+    note = tmp_path / "note.txt"
+    note.write_text("The boiler is serviced every spring by the caretaker.")
+    with Runtime.open(settings, embedder=spy, workers=1) as runtime:
+        receipt = runtime.documents.add_paths("c", [note])
+        assert runtime.wait_for_job(receipt.job_id).status == "succeeded"
+        asked: list[object] = []
+        # a thread started after the worker set its count, as a new request thread is
+        thread = threading.Thread(
+            target=lambda: asked.append(runtime.query.retrieve("c", "who services the boiler?"))
+        )
+        thread.start()
+        thread.join()
+    assert asked
+    chunk_counts = {n for text, n in spy.seen.items() if "caretaker" in text}
+    assert chunk_counts == {3}
+    assert spy.seen["who services the boiler?"] == 1
 
 
 def test_a_fresh_process_gives_every_thread_the_faiss_setting(tmp_path: Path) -> None:
