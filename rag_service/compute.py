@@ -18,7 +18,8 @@ once when a ``Runtime`` opens (``ComputeSettings``, ``RAG_COMPUTE__*``):
     llama.cpp    ``LLMSettings.threads``, one generation at a time (its own gate)
     tokenizers   ``TOKENIZERS_PARALLELISM=false``, set by the embedder
     malloc       glibc's arena count (``limit_malloc_arenas``): one arena per
-                 request thread fragments and memory grows under load
+                 request thread fragments and memory grows under load; and
+                 freed heap handed back periodically (``start_malloc_trimmer``)
 
 It also wraps the embedder in a ``BatchingEmbedder``: questions that arrive
 together are embedded in one encode call, which costs far less than one call
@@ -120,17 +121,45 @@ def limit_malloc_arenas(arenas: int) -> bool:
     """
     if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
         return False
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
+
+def _glibc() -> Any | None:
     import ctypes
     import ctypes.util
     import platform
 
     if platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def start_malloc_trimmer(interval_s: float, stop: threading.Event) -> threading.Thread | None:
+    """Call glibc's ``malloc_trim(0)`` every ``interval_s`` seconds until ``stop`` is set.
+
+    glibc keeps freed memory in its arenas for reuse and returns only the top
+    of each heap, so after a burst of concurrent requests resident memory
+    stays at the burst's peak and creeps up with every higher one.  A trim
+    releases the free pages inside the heaps too (a few milliseconds here).
+    None when there is nothing to do (interval 0, not glibc).
+    """
+    libc = _glibc() if interval_s > 0 else None
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return None
+
+    def trim() -> None:
+        while not stop.wait(interval_s):
+            libc.malloc_trim(0)
+
+    thread = threading.Thread(target=trim, name="malloc-trim", daemon=True)
+    thread.start()
+    return thread
 
 
 def configure_compute(settings: ComputeSettings, embedder: Embedder) -> Embedder:

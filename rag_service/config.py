@@ -413,6 +413,15 @@ class ComputeSettings(BaseModel):
         description="Questions embedded concurrently are coalesced into one encode call of at "
         "most this many, run one at a time (1: each question on its own).",
     )
+    malloc_trim_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="Every this many seconds hand the heap memory freed since back to the "
+        "system (glibc malloc_trim; 0: never). glibc keeps freed memory for reuse, so resident "
+        "memory otherwise stays at the highest peak of concurrent requests: one trim during a "
+        "50-client load run took the service from 1,233 to 1,093 MiB.",
+    )
     malloc_arenas: int = Field(
         2,
         ge=0,

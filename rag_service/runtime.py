@@ -19,7 +19,7 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from rag_service.compute import configure_compute, ingest_threads
+from rag_service.compute import configure_compute, ingest_threads, start_malloc_trimmer
 from rag_service.config import Settings
 from rag_service.embedding import Embedder, make_embedder
 from rag_service.errors import RagError
@@ -104,6 +104,8 @@ class Runtime:
         # Finish removals a crash interrupted, then sweep stale partial uploads.
         release_blobs(self.blobs, self.catalog, self.catalog.pending_freed_blobs())
         self.blobs.collect_garbage(self.catalog.referenced_blobs())
+        # last: nothing after it can fail and leave it running
+        self._trimmer = start_malloc_trimmer(settings.compute.malloc_trim_seconds, self._stop)
 
     @classmethod
     def open(
@@ -255,6 +257,8 @@ class Runtime:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        if self._trimmer is not None:
+            self._trimmer.join(timeout=30)
         self.vectors.snapshot_all()
         if self._owns_chat_model and self._chat_model is not None:
             self._chat_model.close()

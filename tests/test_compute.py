@@ -343,3 +343,57 @@ def test_malloc_arenas_are_capped_for_busy_request_threads(
         assert 1 <= arenas <= most, done.stderr
     else:  # glibc's default gives busy threads arenas of their own: the growth this prevents
         assert arenas > 2, done.stderr
+
+
+TRIM_SCRIPT = """
+import ctypes, sys, threading, time
+from rag_service.compute import start_malloc_trimmer
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+blocks = [libc.malloc(1000) for _ in range(200_000)]  # 200 MB of small blocks, touched
+for block in blocks:
+    ctypes.memset(block, 1, 1000)
+pinned = libc.malloc(1000)  # keeps the heap's top in use, as live objects do in a server
+for block in blocks:
+    libc.free(block)
+freed = rss_mib()
+started = start_malloc_trimmer(float(sys.argv[1]), threading.Event())
+time.sleep(1.5)
+print(started is not None, round(freed), round(rss_mib()))
+"""
+
+
+@pytest.mark.parametrize("interval", [0.2, 0.0])
+def test_freed_heap_goes_back_to_the_system_when_trimming(interval: float) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TRIM_SCRIPT, str(interval)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    started, freed, after = done.stdout.split()
+    if interval:
+        assert started == "True"
+        assert int(after) < int(freed) - 150, done.stdout  # the 200 MB freed left the process
+    else:
+        assert started == "False"
+        assert int(after) > int(freed) - 20, done.stdout  # glibc alone keeps it
+
+
+def test_the_trimmer_runs_with_the_runtime_and_stops_with_it(tmp_path: Path) -> None:
+    def trimmers() -> int:
+        return sum(t.name == "malloc-trim" and t.is_alive() for t in threading.enumerate())
+
+    before = trimmers()
+    settings = Settings(data_dir=tmp_path, compute=ComputeSettings(malloc_trim_seconds=0.05))
+    with Runtime.open(settings, embedder=HashEmbedder()) as runtime:
+        assert trimmers() == before + 1
+        assert runtime.workers_alive == 0  # not counted as an ingestion worker
+    assert trimmers() == before
