@@ -238,17 +238,24 @@ def test_questions_asked_during_a_batch_are_embedded_together() -> None:
     assert (batching.batches, batching.questions) == (2, 6)
 
 
-def test_batches_are_cut_at_max_batch() -> None:
-    inner = GatedEmbedder()
-    batching = BatchingEmbedder(inner, max_batch=2)
+def queued_behind_a_running_batch(
+    batching: BatchingEmbedder, inner: GatedEmbedder, texts: Sequence[str]
+) -> dict[str, Vectors | Exception]:
+    """Ask ``texts`` while a first question is being embedded, then let everything finish."""
     first, _ = ask_in_threads(batching, ["first"])
     assert inner.entered.wait(30)
-    threads, results = ask_in_threads(batching, ["a", "b", "c"])
-    wait_for_queue(batching, 3)
-
+    threads, results = ask_in_threads(batching, texts)
+    wait_for_queue(batching, len(texts))
     inner.release.set()
     for thread in first + threads:
         thread.join(30)
+    return results
+
+
+def test_batches_are_cut_at_max_batch() -> None:
+    inner = GatedEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=2)
+    results = queued_behind_a_running_batch(batching, inner, ["a", "b", "c"])
 
     assert [len(call) for call in inner.calls] == [1, 2, 1]
     assert all(isinstance(v, np.ndarray) for v in results.values())
@@ -257,14 +264,7 @@ def test_batches_are_cut_at_max_batch() -> None:
 def test_a_failing_question_fails_alone_and_the_next_still_works() -> None:
     inner = GatedEmbedder()
     batching = BatchingEmbedder(inner, max_batch=8)
-    first, _ = ask_in_threads(batching, ["first"])
-    assert inner.entered.wait(30)
-    threads, results = ask_in_threads(batching, ["good one", "BOOM here", "good two"])
-    wait_for_queue(batching, 3)
-
-    inner.release.set()
-    for thread in first + threads:
-        thread.join(30)
+    results = queued_behind_a_running_batch(batching, inner, ["good one", "BOOM here", "good two"])
 
     assert isinstance(results["BOOM here"], RuntimeError)
     assert isinstance(results["good one"], np.ndarray)
