@@ -17,6 +17,13 @@ and the slope.  At the end every unique upload must be indexed exactly once
 (document and chunk counts through the API).  Prints per-route count, errors,
 429/503, p50/p95/p99 and req/s; writes bench/results/load-<UTC time>.json;
 exits 1 on any unexpected error or failed check (a check, not a test).
+
+Memory is judged on the per-minute medians after warm-up as well as the slope:
+the service trims freed heap every minute, so the samples are a saw tooth.
+``--tracemalloc N`` runs the server under tracemalloc (N frames; slower, and
+RSS then includes the tracer's own tables; a snapshot stops the server for
+seconds, so that run's latencies and errors are not figures) and prints which
+Python allocation sites grew between the end of warm-up and the end of the run.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -300,16 +308,28 @@ def unique_text(source: str, question: str, rng: random.Random) -> str:
     )
 
 
-async def sample_rss(pid: int, samples: list[tuple[float, float]], stop: asyncio.Event) -> None:
+async def sample_rss(
+    pid: int, samples: list[tuple[float, float]], stop: asyncio.Event, snapshot_at: float | None
+) -> None:
+    """RSS every second; SIGUSR1 (a tracemalloc snapshot) once ``snapshot_at`` s have passed."""
     started = time.monotonic()
     while not stop.is_set():
-        samples.append((time.monotonic() - started, rss_mb(pid)))
+        samples.append((elapsed := time.monotonic() - started, rss_mb(pid)))
+        if snapshot_at is not None and elapsed >= snapshot_at:
+            os.kill(pid, signal.SIGUSR1)
+            snapshot_at = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
 async def run_load(
-    url: str, pid: int, clients: int, duration: float, mix: dict[str, float], seed: int
+    url: str,
+    pid: int,
+    clients: int,
+    duration: float,
+    mix: dict[str, float],
+    seed: int,
+    snapshot_at: float | None = None,
 ) -> tuple[Load, list[tuple[float, float]], float]:
     load = Load(mix, seed)
     samples: list[tuple[float, float]] = []
@@ -321,7 +341,7 @@ async def run_load(
     )
     timeout = httpx.Timeout(300.0, connect=30.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
-        sampler = asyncio.create_task(sample_rss(pid, samples, stop))
+        sampler = asyncio.create_task(sample_rss(pid, samples, stop, snapshot_at))
         started = time.monotonic()
         until = load.until = started + duration
         await asyncio.gather(*(load.client(http, n, until) for n in range(clients)))
@@ -382,6 +402,39 @@ def slope_mb_per_min(samples: Sequence[tuple[float, float]]) -> float:
     return 60 * statistics.linear_regression([t for t, _ in samples], [r for _, r in samples])[0]
 
 
+def minute_medians(samples: Sequence[tuple[float, float]], start: float) -> list[float]:
+    """Median RSS of each whole minute from ``start`` (the saw tooth of the minute's trim)."""
+    minutes: dict[int, list[float]] = defaultdict(list)
+    for t, rss in samples:
+        minutes[int((t - start) // 60)].append(rss)
+    return [round(statistics.median(v), 1) for _, v in sorted(minutes.items()) if len(v) >= 50]
+
+
+def python_heap_growth(pid: int, traces: Path, top: int = 15) -> dict[str, Any]:
+    """The allocation sites that grew most between the warm-up and the end snapshots."""
+    import tracemalloc
+
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 300
+    while not (traces / "snapshot-1.pickle").exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no tracemalloc snapshot in {traces}")
+        time.sleep(0.5)
+    first, last = (tracemalloc.Snapshot.load(str(traces / f"snapshot-{n}.pickle")) for n in (0, 1))
+    totals = [sum(s.size for s in snap.statistics("filename")) / 2**20 for snap in (first, last)]
+    print(f"python heap traced: {totals[0]:.1f} MiB after warm-up, {totals[1]:.1f} MiB at the end")
+    rows = [
+        {
+            "site": str(stat.traceback[0]),
+            "size_diff_kib": round(stat.size_diff / 1024, 1),
+            "count_diff": stat.count_diff,
+            "size_kib": round(stat.size / 1024, 1),
+        }
+        for stat in last.compare_to(first, "lineno")[:top]
+    ]
+    return {"traced_mib": [round(t, 1) for t in totals], "sites": rows}
+
+
 def summarise(load: Load, duration: float) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     for name, route in sorted(load.routes.items()):
@@ -432,22 +485,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mix", default=MIX, help=f"weights of the request kinds ({MIX})")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--tracemalloc", type=int, default=0, help="frames to trace in the server (0: off)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     mix = parse_mix(args.mix)
+    growth: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rag-load-") as tmp:
         pdf = pdf_subset(args.pdf, args.max_pages, Path(tmp))
-        with ServeProcess(Path(tmp) / "data") as server:
+        env, command, traces = {}, None, Path(tmp) / "traces"
+        if args.tracemalloc:
+            traces.mkdir()
+            env = {"RAG_TRACE_DIR": str(traces)}
+            traced = [
+                "-X",
+                f"tracemalloc={args.tracemalloc}",
+                str(ROOT / "bench" / "traced_serve.py"),
+            ]
+            command = [sys.executable, *traced, "serve"]
+        with ServeProcess(Path(tmp) / "data", env, command) as server:
             corpus = ingest_corpus(server.url, pdf)
             print(f"corpus {corpus}; load average {load_average()}")
             load_before = load_average()
             load, samples, elapsed = asyncio.run(
-                run_load(server.url, server.pid, args.clients, args.duration, mix, args.seed)
+                run_load(
+                    server.url,
+                    server.pid,
+                    args.clients,
+                    args.duration,
+                    mix,
+                    args.seed,
+                    snapshot_at=args.warmup if args.tracemalloc else None,
+                )
             )
             load_after = load_average()
+            if args.tracemalloc:
+                growth = python_heap_growth(server.pid, traces)
             problems = verify(server.url, load, corpus)
     table = summarise(load, args.duration)
     after_warmup = [(t, r) for t, r in samples if t >= args.warmup]
@@ -457,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rss_end_mb": round(samples[-1][1], 1) if samples else None,
         "rss_max_mb": round(max(r for _, r in samples), 1) if samples else None,
         "slope_after_warmup_mb_per_min": round(slope_mb_per_min(after_warmup), 2),
+        "median_per_minute_after_warmup_mb": minute_medians(after_warmup, args.warmup),
     }
     print(
         f"\n{args.clients} clients for {args.duration:.0f} s ({elapsed:.0f} s until the last "
@@ -469,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"p50 {percentile(indexed, 50):.2f} s p95 {percentile(indexed, 95):.2f} s"
     )
     print(f"memory {memory}")
+    for row in growth.get("sites", []):
+        diff, count = row["size_diff_kib"], row["count_diff"]
+        print(f"    python heap {diff:+10.1f} KiB {count:+8d} blocks  {row['site']}")
     print(f"load average before {load_before} after {load_after}")
     errors = sum(row["errors"] for row in table.values())
     for problem in problems:
@@ -485,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reuploads": load.reuploads,
         "upload_to_indexed_s": {"p50": percentile(indexed, 50), "p95": percentile(indexed, 95)},
         "memory": memory,
+        "python_heap_growth": growth,
         "rss_samples": samples,
         "load_average": {"before": load_before, "after": load_after},
         "problems": problems,

@@ -73,6 +73,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bf16 fa kv-bf16": ("bf16", {"flash_attn": True, "type_k": 30, "type_v": 30}),
     # requantized from the shipped Q4_1: llama.cpp repacks Q4_0 for AVX512 matrix products
     "q4_0 fa": ("q4_0", {"flash_attn": True}),
+    "q4_0 fa ub256": ("q4_0", {"flash_attn": True, "n_ubatch": 256}),
 }
 
 
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "matrix" not in skip:
         result["matrix"] = matrix(files, token_lists, names, args.reps)
     if "accuracy" not in skip:
-        kinds = {k: v for k, v in files.items() if k in ("file", "q8_0", "f16", "bf16")}
+        kinds = {k: v for k, v in files.items() if k in ("file", "q8_0", "q4_0", "f16", "bf16")}
         for kind in ("f16", "bf16"):
             kinds.setdefault(kind, convert_cached(Path(source), kind, default_cache_dir()))
         result["accuracy"] = accuracy(kinds, token_lists[0][:512], short)
