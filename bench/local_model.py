@@ -18,7 +18,8 @@ one process:
    round after round so they share the machine's load.  Figures: median
    time to first token (prompt evaluation plus one sampled token), prompt
    tokens/s, CPU seconds per prompt (less sensitive to other load than wall
-   time on a busy machine), and the 1-minute load average.
+   time on a busy machine), generation tokens/s (64 tokens after the
+   prompt, its KV cache kept), and the 1-minute load average.
 3. accuracy of the weight types: next-token argmax agreement with the exact
    dequantised weights (F32) at every position of a 512-token prompt, and
    the greedy answers of three prompts for each type.
@@ -54,6 +55,8 @@ QUESTIONS = (
     "How do I read the systemd journal logs?",
 )
 CPUS = os.cpu_count() or 1
+#: Tokens generated after each timed prompt, for the generation speed.
+GEN_TOKENS = 64
 
 #: name -> (weights, Llama keyword arguments).  "old" is the code before this change.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -195,7 +198,7 @@ def matrix(
         models[name] = llama_cpp.Llama(
             model_path=str(files[weights]), n_ctx=2048, verbose=False, **params
         )
-    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
+    samples: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in names}
     for rep in range(reps):
         for name, llama in models.items():
             tokens = tokens_list[rep % len(tokens_list)]
@@ -203,8 +206,17 @@ def matrix(
             cpu, wall = time.process_time(), time.perf_counter()
             llama.create_completion(tokens, max_tokens=1, temperature=0.0)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            samples[name].append((wall, cpu, load_avg()))
-            print(f"  rep {rep} {name}: {wall:.2f}s cpu {cpu:.2f}s load {load_avg()}", flush=True)
+            # The same prompt again: its KV cache is kept, so this times generation.
+            gen_wall = time.perf_counter()
+            out = llama.create_completion(tokens, max_tokens=GEN_TOKENS, temperature=0.0)
+            gen_wall = time.perf_counter() - gen_wall
+            gen_tok_s = out["usage"]["completion_tokens"] / gen_wall
+            samples[name].append((wall, cpu, load_avg(), gen_tok_s))
+            print(
+                f"  rep {rep} {name}: {wall:.2f}s cpu {cpu:.2f}s, generation {gen_tok_s:.1f} tok/s"
+                f" load {load_avg()}",
+                flush=True,
+            )
     for llama in models.values():
         llama.close()
     n = len(tokens_list[0])
@@ -217,6 +229,7 @@ def matrix(
             "prompt_tok_s": round(n / wall, 1),
             "cpu_s": round(cpu, 2),
             "prompt_tok_per_cpu_s": round(n / cpu, 1),
+            "generation_tok_s": round(statistics.median(v[3] for v in values), 1),
             "load_avg": [v[2] for v in values],
             "samples_s": [round(v[0], 2) for v in values],
         }
@@ -321,11 +334,15 @@ def print_table(result: dict[str, Any]) -> None:
     if "matrix" in result:
         m = result["matrix"]
         print(f"\nsetting matrix: {m['prompt_tokens']}-token prompt, KV cache cleared, median")
-        print(f"  {'variant':24} {'TTFT s':>7} {'tok/s':>7} {'CPU s':>6} {'tok/CPU s':>9}  load")
+        print(
+            f"  {'variant':24} {'TTFT s':>7} {'tok/s':>7} {'CPU s':>6} {'tok/CPU s':>9}"
+            f" {'gen tok/s':>9}  load"
+        )
         for name, row in m["rows"].items():
             print(
                 f"  {name:24} {row['ttft_s']:7.2f} {row['prompt_tok_s']:7.1f} "
-                f"{row['cpu_s']:6.2f} {row['prompt_tok_per_cpu_s']:9.1f}  {row['load_avg']}"
+                f"{row['cpu_s']:6.2f} {row['prompt_tok_per_cpu_s']:9.1f}"
+                f" {row.get('generation_tok_s', float('nan')):9.1f}  {row['load_avg']}"
             )
     if "accuracy" in result:
         a = result["accuracy"]

@@ -384,13 +384,13 @@ class ComputeSettings(BaseModel):
     """Thread pools of the numeric libraries, set once at start (see rag_service/compute.py)."""
 
     torch_threads: int = Field(
-        1,
+        0,
         ge=0,
         le=256,
         description="torch intra-op threads for a batch of questions (0: one per core). "
-        "Requests run side by side in the server's thread pool, so one thread per batch keeps "
-        "the cores busy without oversubscribing them: 1.15-1.4x the retrieval throughput of "
-        "2 threads at 1 and 4 clients on 2 cores, the same at 16 (bench/concurrency.py).",
+        "Questions are embedded one batch at a time, so a batch must use every core: on 2 "
+        "cores one thread left a core idle under load (CPU 93-116%) and two gave 1.10-1.23x "
+        "the retrieval throughput at 1, 16 and 64 clients, the same at 4 (bench/concurrency.py).",
     )
     ingest_torch_threads: int = Field(
         0,
