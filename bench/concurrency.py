@@ -12,8 +12,9 @@ questions from eval/debian-reference.jsonl back to back for ``--seconds``:
     before     RAG_COMPUTE__TORCH_THREADS=0, __FAISS_THREADS=0, __QUERY_BATCH=1:
                the libraries' defaults, as the service ran before ComputeSettings
     torch1     one torch thread per request, no batching
-    batched    two torch threads, questions batched (the defaults of session 3 on 2 cores)
-    default    the shipped defaults (one torch thread per question batch, questions batched)
+    torch1-batched  one torch thread per question batch (session 4's defaults)
+    batched    two torch threads, questions batched (the defaults on 2 cores)
+    default    the shipped defaults (one torch thread per core for a question batch)
 
 Printed per configuration and level: requests/s, p50/p95 latency, CPU of the
 server process (200% = both cores of this machine busy) and its OS thread

@@ -6,7 +6,8 @@
 Fills a data directory once (the first ``--max-pages`` pages of the Debian
 Reference PDF, ingested in process), then for each variant starts a fresh
 Python process that opens a ``Runtime`` on it with
-``RAG_COMPUTE__MALLOC_ARENAS`` set to the variant (0: glibc's default) and
+``RAG_COMPUTE__MALLOC_ARENAS`` set to the variant (0: glibc's default; a
+variant ``2:1`` also sets ``RAG_COMPUTE__TORCH_THREADS`` to 1) and
 runs rounds of retrievals from a new pool of ``--threads`` threads each round
 (a server's thread pool also stops idle threads and starts new ones).
 Questions come from eval/debian-reference.jsonl with a varying tail, so the
@@ -112,7 +113,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--max-pages", type=int, default=60)
     parser.add_argument("--pdf", type=Path, default=PDF)
-    parser.add_argument("--variants", default="0,2", help="RAG_COMPUTE__MALLOC_ARENAS values")
+    parser.add_argument(
+        "--variants",
+        default="0,2",
+        help="RAG_COMPUTE__MALLOC_ARENAS values, each optionally :RAG_COMPUTE__TORCH_THREADS",
+    )
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +135,10 @@ def main() -> None:
         data = Path(tmp) / "data"
         fill(data, args.pdf, args.max_pages)
         for variant in args.variants.split(","):
-            env = dict(os.environ, RAG_COMPUTE__MALLOC_ARENAS=variant)
+            arenas, _, torch_threads = variant.partition(":")
+            env = dict(os.environ, RAG_COMPUTE__MALLOC_ARENAS=arenas)
+            if torch_threads:
+                env["RAG_COMPUTE__TORCH_THREADS"] = torch_threads
             env.pop("MALLOC_ARENA_MAX", None)
             sizes = ["--rounds", str(args.rounds), "--requests", str(args.requests)]
             sizes += ["--threads", str(args.threads)]
@@ -146,7 +154,8 @@ def main() -> None:
             rss = figures["rss_mib"]
             growth = [round(b - a, 1) for a, b in itertools.pairwise(rss)]
             print(
-                f"malloc_arenas={variant}: RSS {rss[0]:.0f} MiB after opening, "
+                f"malloc_arenas={arenas} torch_threads={torch_threads or 'default'}: "
+                f"RSS {rss[0]:.0f} MiB after opening, "
                 f"{rss[-1]:.0f} after {args.rounds} x {args.requests} retrievals; "
                 f"growth per round {growth} MiB; round seconds {figures['round_s']}; "
                 f"{figures['arenas']} malloc arenas",

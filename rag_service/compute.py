@@ -176,7 +176,6 @@ def configure_compute(settings: ComputeSettings, embedder: Embedder) -> Embedder
 class _Question:
     text: str
     ready: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False
     vector: Vectors | None = None
     error: BaseException | None = None
 
@@ -184,15 +183,24 @@ class _Question:
 class BatchingEmbedder(Embedder):
     """Embeds questions asked at the same time in one call of the wrapped embedder.
 
-    No thread waits for company: a question asked while no batch is running
-    is embedded at once.  Questions asked while one runs queue up, and when it
-    ends the first of them embeds up to ``max_batch`` queued ones together
-    (leader and followers; no extra thread).  So at most one question batch
-    runs at a time, and under load a batch costs little more than one
-    question.  With ``max_batch`` 1 there is no queue: each question is
-    embedded at once in its own thread.  Questions run torch on
-    ``torch_threads`` (0: as the thread is).  Everything else (``embed`` of
+    No question waits for company: one asked while no batch is running is
+    embedded at once.  Questions asked while one runs queue up, and when it
+    ends the next batch takes up to ``max_batch`` of them.  So at most one
+    question batch runs at a time, and under load a batch costs little more
+    than one question.  With ``max_batch`` 1 there is no queue: each question
+    is embedded at once in its own thread.  Everything else (``embed`` of
     chunks, token counts) passes straight through.
+
+    Batches run on one long-lived thread ("question-embedder", started with
+    the first question, stopped by ``close``) on ``torch_threads`` (0: as
+    the thread is).  When the asking threads took turns at leading a batch,
+    each that ran torch on more than one thread got an OpenMP team and
+    per-thread buffers of its own, and the server's pool stops idle threads
+    and starts new ones all the time: with two torch threads the server's
+    memory kept climbing under load (+8.7 MiB/min over the second half of a
+    15-minute bench/load.py run), and with this one thread it levelled off
+    (-1.9 MiB/min over the second half of 13 minutes).  So a batch can use
+    every core and its buffers are made once.
     """
 
     def __init__(self, inner: Embedder, *, max_batch: int = 32, torch_threads: int = 0) -> None:
@@ -205,9 +213,10 @@ class BatchingEmbedder(Embedder):
         self.batch_size = inner.batch_size
         self.max_batch = max_batch
         self.torch_threads = torch_threads
-        self._lock = threading.Lock()
+        self._wake = threading.Condition()
         self._queue: list[_Question] = []
-        self._running = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
         #: Encode calls made for questions, and questions embedded (for benchmarks).
         self.batches = 0
         self.questions = 0
@@ -225,6 +234,13 @@ class BatchingEmbedder(Embedder):
         return self.inner.tokenizer()
 
     def close(self) -> None:
+        """Embed what is queued, stop the batch thread, close the wrapped embedder."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(60)
         self.inner.close()
 
     def embed_query(self, text: str) -> Vectors:
@@ -232,40 +248,40 @@ class BatchingEmbedder(Embedder):
             use_torch_threads(self.torch_threads)
             return self.inner.embed_query(text)
         mine = _Question(text)
-        with self._lock:
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the embedder is closed")
             self._queue.append(mine)
-            if not self._running:
-                self._running = mine.lead = True
-        if not mine.lead:
-            mine.ready.wait()  # set when embedded, or when made the leader
-        if mine.lead:
-            self._lead(mine)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="question-embedder", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        mine.ready.wait()
         if mine.error is not None:
             raise mine.error
         assert mine.vector is not None
         return mine.vector
 
-    def _lead(self, mine: _Question) -> None:
-        """Embed queued batches until ``mine`` is done, then pass the lead on."""
-        try:
-            while mine.vector is None and mine.error is None:
-                with self._lock:
-                    batch = self._queue[: self.max_batch]
-                    del self._queue[: self.max_batch]
+    def _serve(self) -> None:
+        """The batch thread: embed queued questions, up to ``max_batch`` at a time."""
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+            # Errors are the questions' (set on each); the thread goes on.
+            with contextlib.suppress(Exception):
                 self._embed(batch)
-        finally:
-            with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.ready.set()
-                else:
-                    self._running = False
 
     @property
     def waiting(self) -> int:
         """Questions queued for the next batch."""
-        with self._lock:
+        with self._wake:
             return len(self._queue)
 
     def _embed(self, batch: list[_Question]) -> None:

@@ -273,6 +273,52 @@ def test_a_failing_question_fails_alone_and_the_next_still_works() -> None:
     assert batching.waiting == 0
 
 
+class ThreadNotingEmbedder(HashEmbedder):
+    """Records the thread each encode call ran on."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        self.threads.append(threading.current_thread())
+        return super().embed(texts)
+
+
+def test_every_batch_runs_on_one_thread_whichever_thread_asks() -> None:
+    inner = ThreadNotingEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=8)
+    for round_ in range(5):  # short-lived asking threads, as a server's pool makes them
+        threads, results = ask_in_threads(batching, [f"q{round_}-{i}" for i in range(6)])
+        for thread in threads:
+            thread.join(30)
+        assert all(isinstance(v, np.ndarray) for v in results.values())
+
+    assert len(inner.threads) >= 5
+    assert {t.name for t in inner.threads} == {"question-embedder"}
+    assert len(set(inner.threads)) == 1
+    batching.close()
+    assert not inner.threads[0].is_alive()
+
+
+def test_a_closed_batching_embedder_refuses_questions_and_finishes_queued_ones() -> None:
+    inner = GatedEmbedder()
+    batching = BatchingEmbedder(inner, max_batch=8)
+    first, results = ask_in_threads(batching, ["first"])
+    assert inner.entered.wait(30)
+    later, later_results = ask_in_threads(batching, ["queued"])
+    wait_for_queue(batching, 1)
+    closing = threading.Thread(target=batching.close)
+    closing.start()
+    inner.release.set()
+    for thread in [*first, *later, closing]:
+        thread.join(30)
+
+    assert isinstance(results["first"], np.ndarray)
+    assert isinstance(later_results["queued"], np.ndarray)
+    with pytest.raises(RuntimeError, match="closed"):
+        batching.embed_query("too late")
+
+
 def test_batched_vectors_match_one_by_one_with_the_real_model(
     embedder: SentenceTransformerEmbedder,
 ) -> None:
