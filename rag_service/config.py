@@ -389,8 +389,8 @@ class ComputeSettings(BaseModel):
         le=256,
         description="torch intra-op threads for a batch of questions (0: one per core). "
         "Questions are embedded one batch at a time, so a batch must use every core: on 2 "
-        "cores one thread left a core idle under load (CPU 93-116%) and two gave 1.10-1.23x "
-        "the retrieval throughput at 1, 16 and 64 clients, the same at 4 (bench/concurrency.py).",
+        "cores one thread left a core idle under load (CPU 93-117%); two gave 1.08-1.23x the "
+        "retrieval throughput at 1 and 64 clients, 0.93-1.13x at 4 and 16 (bench/concurrency.py).",
     )
     ingest_torch_threads: int = Field(
         0,
