@@ -206,9 +206,15 @@ def matrix(
             cpu, wall = time.process_time(), time.perf_counter()
             llama.create_completion(tokens, max_tokens=1, temperature=0.0)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            # The same prompt again: its KV cache is kept, so this times generation.
+            # The same prompt again: its KV cache is kept, so this times generation;
+            # end-of-text is banned so every variant generates all GEN_TOKENS.
             gen_wall = time.perf_counter()
-            out = llama.create_completion(tokens, max_tokens=GEN_TOKENS, temperature=0.0)
+            out = llama.create_completion(
+                tokens,
+                max_tokens=GEN_TOKENS,
+                temperature=0.0,
+                logit_bias={llama.token_eos(): -100.0},
+            )
             gen_wall = time.perf_counter() - gen_wall
             gen_tok_s = out["usage"]["completion_tokens"] / gen_wall
             samples[name].append((wall, cpu, load_avg(), gen_tok_s))

@@ -266,6 +266,7 @@ class BatchingEmbedder(Embedder):
 
     def _serve(self) -> None:
         """The batch thread: embed queued questions, up to ``max_batch`` at a time."""
+        use_torch_threads(self.torch_threads)  # torch keeps it for this thread
         while True:
             with self._wake:
                 while not self._queue and not self._closed:
@@ -300,7 +301,6 @@ class BatchingEmbedder(Embedder):
 
     def _embed_together(self, batch: list[_Question]) -> None:
         try:
-            use_torch_threads(self.torch_threads)
             vectors = self.inner.embed([q.text for q in batch])
         except BaseException as exc:
             for question in batch:
