@@ -17,6 +17,8 @@ once when a ``Runtime`` opens (``ComputeSettings``, ``RAG_COMPUTE__*``):
                  starts from it), and the calling thread is set directly
     llama.cpp    ``LLMSettings.threads``, one generation at a time (its own gate)
     tokenizers   ``TOKENIZERS_PARALLELISM=false``, set by the embedder
+    OpenMP waits ``OMP_WAIT_POLICY``/``GOMP_SPINCOUNT``, set when ``rag_service``
+                 is imported, before libgomp loads (``rag_service/openmp.py``)
     malloc       glibc's arena count (``limit_malloc_arenas``): one arena per
                  request thread fragments and memory grows under load; and
                  freed heap handed back periodically (``start_malloc_trimmer``)

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rag_service.compute import BatchingEmbedder
 from rag_service.config import ComputeSettings, Settings
 from rag_service.embedding import SentenceTransformerEmbedder, Vectors
+from rag_service.openmp import WAIT_DEFAULTS, set_openmp_wait_defaults
 from rag_service.runtime import Runtime
 from tests.helpers import HashEmbedder
 
@@ -443,3 +444,39 @@ def test_the_trimmer_runs_with_the_runtime_and_stops_with_it(tmp_path: Path) -> 
         assert trimmers() == before + 1
         assert runtime.workers_alive == 0  # not counted as an ingestion worker
     assert trimmers() == before
+
+
+def _openmp_environment(code: str, **env: str) -> str:
+    """libgomp's own report of its settings (``OMP_DISPLAY_ENV``) in a fresh interpreter."""
+    environ = {k: v for k, v in os.environ.items() if k not in WAIT_DEFAULTS}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**environ, **env, "OMP_DISPLAY_ENV": "verbose"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+def test_importing_the_service_sets_how_openmp_threads_wait() -> None:
+    report = _openmp_environment("import rag_service, torch, llama_cpp")
+    # One OpenMP runtime for torch and llama.cpp, and it took the service's defaults.
+    assert report.count("OPENMP DISPLAY ENVIRONMENT BEGIN") == 1
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in report
+    assert "GOMP_SPINCOUNT = '300000'" in report
+
+
+def test_openmp_wait_settings_of_the_user_are_kept() -> None:
+    report = _openmp_environment("import rag_service, torch", OMP_WAIT_POLICY="passive")
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in report
+    assert "GOMP_SPINCOUNT = '0'" in report  # libgomp's own value for passive, not ours
+
+    environ = {"GOMP_SPINCOUNT": "1000"}
+    assert not set_openmp_wait_defaults(environ)
+    assert environ == {"GOMP_SPINCOUNT": "1000"}
+    environ = {}
+    assert set_openmp_wait_defaults(environ)
+    assert environ == WAIT_DEFAULTS

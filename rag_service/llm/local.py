@@ -304,6 +304,7 @@ class LocalChatModel(ChatModel):
 
     def _prompt_token_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The formatted chat prompt as token ids, as llama.cpp will evaluate it."""
+        self._check_open()  # a closed context's tokenizer is freed memory
         rendered = self._formatter(messages=_as_dicts(messages))
         encoded = rendered.prompt.encode("utf-8")
         tokens: list[int] = self._llama.tokenize(

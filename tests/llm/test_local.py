@@ -221,3 +221,6 @@ def test_closed_model_is_unavailable(make_local: MakeLocal) -> None:
         model.complete(MESSAGES, max_tokens=3)
     with pytest.raises(ModelUnavailable, match="closed"):
         model.count_tokens("hello")
+    # Prompt packing counts a prompt's tokens outside the turn: a clear error, not a crash.
+    with pytest.raises(ModelUnavailable, match="closed"):
+        model.prompt_tokens(MESSAGES)
