@@ -17,6 +17,7 @@ from rag_service.api.errors import install_error_handlers
 from rag_service.api.metrics import MetricsMiddleware, ServiceMetrics
 from rag_service.api.ratelimit import RateLimiter
 from rag_service.api.routes import documents, health, jobs, openai_compat, query, web
+from rag_service.compute import freeze_startup_heap, thaw_heap
 from rag_service.config import Settings
 from rag_service.embedding import Embedder
 from rag_service.errors import ModelError, RagError
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 class ModelLoader:
     """Loads the language model in a thread, so the service is live while it loads.
 
-    ``/readyz`` reports the model as loading until it is in memory, or the
-    error that stopped it; a question asked meanwhile waits for the load.
+    ``/readyz`` reports the model as loading until it is in memory and the
+    startup heap is frozen (``freeze_startup_heap``), or the error that
+    stopped it; a question asked meanwhile waits for the load.
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -46,6 +48,12 @@ class ModelLoader:
         except Exception as exc:  # reported by /readyz; questions retry the load
             log.error("language model failed to load error=%s", exc)
             self.error = exc
+        finally:
+            freeze_startup_heap()
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
 
     def join(self) -> None:
         self._thread.join()
@@ -90,7 +98,11 @@ def create_app(
                 warm_indexes=True,
             )
         )
-        loader = None if runtime.chat_model_loaded else ModelLoader(runtime)
+        if runtime.chat_model_loaded:
+            loader = None
+            await run_in_threadpool(freeze_startup_heap)
+        else:
+            loader = ModelLoader(runtime)  # freezes the heap once the model is in
         app.state.model_loader = loader
         app.state.runtime = runtime
         log.info("service started data_dir=%s", settings.data_dir)
@@ -101,6 +113,7 @@ def create_app(
             if loader is not None:
                 await run_in_threadpool(loader.join)
             await run_in_threadpool(runtime.close)
+            thaw_heap()
 
     app = FastAPI(
         title="RAG service",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
 import time
@@ -138,3 +139,48 @@ def test_an_unreachable_catalog_is_an_index_error(
     assert body["index"] == "error: OperationalError: disk I/O error"
     assert body["model"] == "loaded"
     assert readiness(client)[0] == 200  # back once the catalog answers
+
+
+def test_ready_only_once_the_startup_heap_is_frozen(
+    settings: Settings,
+    embedder: SentenceTransformerEmbedder,
+    gated_model: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first collection after start walks every object loaded: not on a request's time."""
+    from rag_service.api import app as app_module
+
+    gc.unfreeze()  # whatever an earlier test left
+    freeze_gate = threading.Event()
+    real_freeze = app_module.freeze_startup_heap
+
+    def gated_freeze() -> None:
+        assert freeze_gate.wait(timeout=60), "the test never let the heap freeze"
+        real_freeze()
+
+    monkeypatch.setattr(app_module, "freeze_startup_heap", gated_freeze)
+    try:
+        with TestClient(create_app(settings, embedder=embedder)) as client:
+            gated_model.set()
+            wait_until(lambda: client.app.state.runtime.chat_model_loaded)
+            # The model is in, the heap not yet frozen: still loading.
+            assert readiness(client)[1]["model"] == "loading"
+            assert gc.get_freeze_count() == 0
+
+            freeze_gate.set()
+            wait_until(lambda: readiness(client)[0] == 200)
+            # torch, transformers and the app: far more than any test's own objects
+            assert gc.get_freeze_count() > 100_000
+        assert gc.get_freeze_count() == 0  # handed back to the collector at shutdown
+    finally:
+        freeze_gate.set()
+
+
+def test_a_given_model_freezes_the_heap_during_startup(
+    settings: Settings, embedder: SentenceTransformerEmbedder
+) -> None:
+    gc.unfreeze()
+    with TestClient(create_app(settings, embedder=embedder, chat_model=ScriptedChatModel())) as c:
+        assert readiness(c)[0] == 200
+        assert gc.get_freeze_count() > 100_000
+    assert gc.get_freeze_count() == 0

@@ -40,9 +40,9 @@ def _index_state(runtime: Runtime) -> str:
 
 
 def _model_state(request: Request, runtime: Runtime) -> str:
-    if runtime.chat_model_loaded:
-        return "loaded"
     loader = getattr(request.app.state, "model_loader", None)
+    if runtime.chat_model_loaded and (loader is None or loader.finished):
+        return "loaded"
     error: Exception | None = getattr(loader, "error", None)
     return LOADING if error is None else _error(error)
 
