@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not pdf.is_file():
         print(f"no corpus at {pdf}: apt-get install debian-reference-en", file=sys.stderr)
         return 2
+    # Before llama_cpp or torch: importing the service sets how OpenMP threads
+    # wait, and libgomp reads that once, when the first of them loads it.
+    import rag_service  # noqa: F401
+
     if not {"retrieve", "answers"} <= skip:
         try:
             import llama_cpp  # noqa: F401
