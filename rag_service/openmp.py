@@ -14,7 +14,9 @@ ingest the local model generated 41.7 tokens/s instead of 66.8.
 most) and generation stays at 63.0 tokens/s (``python bench/thread_wait.py
 --rounds 3``); ``GOMP_SPINCOUNT`` is set with it so the ordinary spin keeps
 its default length instead of ACTIVE's five minutes, and an idle thread
-still sleeps after about 3 ms.
+still sleeps after about 3 ms.  The longer spins cost about 9% of retrieval
+and upload throughput when 50 clients saturate both cores (README, "Threads
+and concurrency"); answers per second were the same.
 
 libgomp reads these once, when it loads, so they must be in the environment
 before the first of those libraries is imported: ``rag_service/__init__``

@@ -110,10 +110,12 @@ def create_app(
             yield
         finally:
             app.state.runtime = None
-            if loader is not None:
-                await run_in_threadpool(loader.join)
-            await run_in_threadpool(runtime.close)
-            thaw_heap()
+            try:
+                if loader is not None:
+                    await run_in_threadpool(loader.join)
+                await run_in_threadpool(runtime.close)
+            finally:
+                thaw_heap()  # process-wide: another app in this process loses its freeze too
 
     app = FastAPI(
         title="RAG service",
