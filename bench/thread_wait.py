@@ -73,7 +73,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from rag_service.api.app import create_app
     from rag_service.config import Settings
 
-    environment = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
         app = create_app(Settings(data_dir=Path(tmp) / "data"))
         server = Server(app)
@@ -117,7 +116,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
     return {
         "variant": args.child,
-        "environment": environment,
         "prompt_tokens": prompt_tokens,
         "before": before,
         "after": after,
