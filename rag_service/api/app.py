@@ -100,7 +100,7 @@ def create_app(
         )
         if runtime.chat_model_loaded:
             loader = None
-            await run_in_threadpool(freeze_startup_heap)
+            freeze_startup_heap()  # constant time: no reason to leave the event loop
         else:
             loader = ModelLoader(runtime)  # freezes the heap once the model is in
         app.state.model_loader = loader
